@@ -1,0 +1,50 @@
+"""jax_ll_ep: low-latency expert-parallel (MoE) dispatch and combine for JAX.
+
+Importing registers the native FFI targets that are built (the CPU module always; the CUDA module only once a
+``cuda`` buffer is created) and does nothing else.
+"""
+
+from . import _native as _native  # registers the CPU targets
+from .buffers import Buffer
+from .config import Fp8Options
+from .errors import (
+    BufferClosedError,
+    JaxLlEpError,
+    ProtocolTimeoutError,
+    RoutingError,
+    SequenceMismatchError,
+)
+from .ops import (
+    CombinePending,
+    DispatchHandle,
+    DispatchPending,
+    Fp8Array,
+    combine,
+    combine_recv,
+    combine_send,
+    dispatch,
+    dispatch_recv,
+    dispatch_send,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Buffer",
+    "BufferClosedError",
+    "CombinePending",
+    "DispatchHandle",
+    "DispatchPending",
+    "Fp8Array",
+    "Fp8Options",
+    "JaxLlEpError",
+    "ProtocolTimeoutError",
+    "RoutingError",
+    "SequenceMismatchError",
+    "combine",
+    "combine_recv",
+    "combine_send",
+    "dispatch",
+    "dispatch_recv",
+    "dispatch_send",
+]

@@ -1,0 +1,33 @@
+"""Typed exceptions raised by jax_ll_ep."""
+
+from __future__ import annotations
+
+
+class JaxLlEpError(RuntimeError):
+    """Base class of every error jax_ll_ep raises at run time."""
+
+
+class ProtocolTimeoutError(JaxLlEpError):
+    """A wait for peer signals ran past ``timeout_s``.
+
+    ``missing`` lists the ``(rank, local_expert)`` pairs whose signal never came; ``op`` is ``"dispatch"`` or
+    ``"combine"`` and ``seq`` the call's sequence number on the buffer.
+    """
+
+    def __init__(self, message: str, *, op: str = "", seq: int = 0, missing: tuple[tuple[int, int], ...] = ()):
+        super().__init__(message)
+        self.op = op
+        self.seq = seq
+        self.missing = missing
+
+
+class SequenceMismatchError(JaxLlEpError):
+    """Ranks issued different sequences of calls on one buffer (detected by the epoch check)."""
+
+
+class RoutingError(JaxLlEpError):
+    """``topk_idx`` held an id outside ``[-1, num_experts)`` or repeated an expert within a token's row."""
+
+
+class BufferClosedError(JaxLlEpError):
+    """A buffer was used after ``close()``."""

@@ -1,0 +1,319 @@
+"""dispatch / combine and their split forms: the public ops, validated at trace time.
+
+Every op runs inside ``jax.shard_map`` over the buffer's axis, once per device on its local shard:
+
+    recv_x, recv_count, handle = dispatch(buf, x, topk_idx, fp8=None)
+    y = expert_fn(recv_x, recv_count)
+    out = combine(buf, y, topk_idx, topk_weights, handle)
+
+Shapes per rank (R ranks on the axis, E experts, E_l = E/R, T = buf.max_tokens_per_rank, H = buf.hidden, K = top-k,
+n = tokens passed to this call, n <= T):
+  x [n, H] bfloat16 (float32 is cast); topk_idx [n, K] int32 in [-1, E) (-1: no expert); topk_weights [n, K] f32.
+  recv_x [E_l, R*T, H] bfloat16, or with fp8 an Fp8Array(data [E_l, R*T, H] float8_e4m3fn, scale [E_l, R*T, H/128]).
+  recv_count [E_l] int32: valid rows per local expert. Rows past it are unspecified and never read by combine.
+  Row order within a local expert: by source rank, then by source token index (deterministic).
+  combine's y [E_l, R*T, H] in that layout; out [n, H] bfloat16 with out[t] = sum_k w[t,k] * y[slot(t,k)] over
+  k with topk_idx[t,k] >= 0, accumulated in float32 in k order (bitwise repeatable).
+
+Reuse rules: all ranks must issue the same sequence of calls on a buffer. Inside one program that holds by
+construction (every call on a buffer is ordered after the previous one). A split send must be followed by its
+receive before the next send on the same buffer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _ffi
+from .buffers import Buffer
+from .config import MAX_TOPK, SCALE_BLOCK, Fp8Options, fp8_mode_code
+
+
+class Fp8Array(NamedTuple):
+    """FP8 payload: ``data`` [..., H] float8_e4m3fn and ``scale`` [..., H/128] (float32, or float8_e8m0fnu for
+    UE8M0); the value is ``data * scale`` per 128-channel block."""
+
+    data: jax.Array
+    scale: jax.Array
+
+
+class DispatchHandle(NamedTuple):
+    """What combine needs to send rows back. Arrays, so it flows through jit/scan like any pytree.
+
+    src_info:     [E_l, R*T] int32, the source token index of each received row.
+    layout_range: [E_l, R, 2] int32, (offset, count) of each source rank's rows within a local expert.
+    src_topk_pos: [E_l, R*T] int32, the position k of this expert in the source token's top-k row.
+    """
+
+    src_info: jax.Array
+    layout_range: jax.Array
+    src_topk_pos: jax.Array
+
+
+class DispatchPending(NamedTuple):
+    """Returned by dispatch_send; pass it to dispatch_recv."""
+
+    ticket: jax.Array
+    fp8: Fp8Options | None
+
+
+class CombinePending(NamedTuple):
+    """Returned by combine_send; pass it to combine_recv."""
+
+    ticket: jax.Array
+    topk_idx: jax.Array
+    topk_weights: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trace-time validation. Each error names the argument, the value and what is allowed.
+# ---------------------------------------------------------------------------------------------------------------
+def _check_context(buf: Buffer, op: str) -> None:
+    if not isinstance(buf, Buffer):
+        raise TypeError(f"{op}: buf must be a jax_ll_ep.Buffer, got {type(buf).__name__}")
+    buf.ensure_open()
+    try:
+        size = jax.lax.axis_size(buf.axis_name)
+    except NameError:
+        size = None
+    if size is None:
+        raise ValueError(
+            f"{op} must be called inside jax.shard_map over the buffer's mesh axis {buf.axis_name!r} (one call per "
+            f"device on its local shard); axis {buf.axis_name!r} is not bound here"
+        )
+    if size != buf.num_ranks:
+        raise ValueError(
+            f"{op}: mesh axis {buf.axis_name!r} has size {size} here but the buffer was created for "
+            f"{buf.num_ranks} ranks; use the buffer with the mesh it was created for"
+        )
+
+
+def _check_tokens(buf: Buffer, op: str, name: str, arr, *, float_ok: bool) -> jax.Array:
+    arr = jnp.asarray(arr)
+    if arr.ndim != 2 or arr.shape[1] != buf.hidden:
+        raise ValueError(f"{op}: {name} must have shape [n, hidden={buf.hidden}], got {tuple(arr.shape)}")
+    if arr.shape[0] > buf.max_tokens_per_rank:
+        raise ValueError(
+            f"{op}: {name} has {arr.shape[0]} tokens but the buffer holds at most "
+            f"max_tokens_per_rank={buf.max_tokens_per_rank}"
+        )
+    if arr.dtype == jnp.bfloat16:
+        return arr
+    if float_ok and arr.dtype == jnp.float32:
+        return arr.astype(jnp.bfloat16)
+    raise TypeError(f"{op}: {name} must be bfloat16 (float32 is cast), got {arr.dtype}")
+
+
+def _check_topk(buf: Buffer, op: str, topk_idx, num_tokens: int) -> jax.Array:
+    topk_idx = jnp.asarray(topk_idx)
+    if topk_idx.ndim != 2 or topk_idx.shape[0] != num_tokens:
+        raise ValueError(f"{op}: topk_idx must have shape [n={num_tokens}, K], got {tuple(topk_idx.shape)}")
+    k = topk_idx.shape[1]
+    if not 1 <= k <= MAX_TOPK:
+        raise ValueError(f"{op}: topk_idx has K={k} columns; allowed: 1 <= K <= {MAX_TOPK}")
+    if topk_idx.dtype != jnp.int32:
+        raise TypeError(f"{op}: topk_idx must be int32 with values in [-1, {buf.num_experts}), got {topk_idx.dtype}")
+    return topk_idx
+
+
+def _check_weights(op: str, topk_weights, shape) -> jax.Array:
+    topk_weights = jnp.asarray(topk_weights)
+    if tuple(topk_weights.shape) != tuple(shape):
+        raise ValueError(f"{op}: topk_weights must have the shape of topk_idx {tuple(shape)}, got "
+                         f"{tuple(topk_weights.shape)}")
+    if topk_weights.dtype != jnp.float32:
+        raise TypeError(f"{op}: topk_weights must be float32, got {topk_weights.dtype}")
+    return topk_weights
+
+
+def _check_fp8(buf: Buffer, op: str, fp8) -> Fp8Options | None:
+    if fp8 is None:
+        return None
+    if not isinstance(fp8, Fp8Options):
+        raise TypeError(f"{op}: fp8 must be None or jax_ll_ep.Fp8Options, got {fp8!r}")
+    if buf.hidden % SCALE_BLOCK:
+        raise ValueError(f"{op}: fp8 dispatch needs hidden to be a multiple of {SCALE_BLOCK}; hidden={buf.hidden}")
+    return fp8
+
+
+def _check_layout(buf: Buffer, op: str, name: str, arr, dtype, trailing: tuple[int, ...]) -> jax.Array:
+    arr = jnp.asarray(arr)
+    shape = (buf.num_local_experts, buf.config.recv_rows, *trailing)
+    if tuple(arr.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {shape} (the dispatch layout [E_l, R*T, ...]), got "
+                         f"{tuple(arr.shape)}")
+    if arr.dtype != dtype:
+        raise TypeError(f"{op}: {name} must be {jnp.dtype(dtype).name}, got {arr.dtype}")
+    return arr
+
+
+def _check_handle(buf: Buffer, op: str, handle) -> DispatchHandle:
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"{op}: handle must be the DispatchHandle returned by dispatch, got {type(handle).__name__}")
+    e_l, rows = buf.num_local_experts, buf.config.recv_rows
+    _check_layout(buf, op, "handle.src_info", handle.src_info, jnp.int32, ())
+    _check_layout(buf, op, "handle.src_topk_pos", handle.src_topk_pos, jnp.int32, ())
+    lr = jnp.asarray(handle.layout_range)
+    if tuple(lr.shape) != (e_l, buf.num_ranks, 2) or lr.dtype != jnp.int32:
+        raise ValueError(f"{op}: handle.layout_range must be int32 [{e_l}, {buf.num_ranks}, 2], got "
+                         f"{lr.dtype}{tuple(lr.shape)}")
+    del rows
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Native (cpu / cuda) calls. Result types take the caller's varying-axes type so shard_map's checks pass.
+# ---------------------------------------------------------------------------------------------------------------
+def _aval(like: jax.Array, shape, dtype):
+    return jax.typeof(like).update(shape=tuple(shape), dtype=jnp.dtype(dtype), weak_type=False)
+
+
+def _scale_dtype(fp8: Fp8Options | None):
+    return jnp.float8_e8m0fnu if fp8 is not None and fp8.scale_format == "ue8m0" else jnp.float32
+
+
+def _dispatch_result_avals(buf: Buffer, like: jax.Array, fp8: Fp8Options | None):
+    e_l, rows, h, r = buf.num_local_experts, buf.config.recv_rows, buf.hidden, buf.num_ranks
+    data_dtype = jnp.float8_e4m3fn if fp8 is not None else jnp.bfloat16
+    scale_shape = (e_l, rows, h // SCALE_BLOCK) if fp8 is not None else (1,)
+    return [
+        _aval(like, (e_l, rows, h), data_dtype),
+        _aval(like, scale_shape, _scale_dtype(fp8)),
+        _aval(like, (e_l,), jnp.int32),
+        _aval(like, (e_l, rows), jnp.int32),
+        _aval(like, (e_l, r, 2), jnp.int32),
+        _aval(like, (e_l, rows), jnp.int32),
+    ]
+
+
+def _pack_dispatch(outs, fp8):
+    recv_x, recv_scale, recv_count, src_info, layout_range, src_topk_pos = outs
+    if fp8 is not None:
+        recv_x = Fp8Array(recv_x, recv_scale)
+    return recv_x, recv_count, DispatchHandle(src_info, layout_range, src_topk_pos)
+
+
+def _ticket_aval(like):
+    return _aval(like, (1,), jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public ops
+# ---------------------------------------------------------------------------------------------------------------
+def dispatch(buf: Buffer, x, topk_idx, *, fp8: Fp8Options | None = None):
+    """Sends each token to the ranks owning its top-k experts; returns ``(recv_x, recv_count, handle)``.
+
+    Returns only after every token addressed to this rank by every rank has arrived (see docs/protocol.md).
+    """
+    _check_context(buf, "dispatch")
+    x = _check_tokens(buf, "dispatch", "x", x, float_ok=True)
+    topk_idx = _check_topk(buf, "dispatch", topk_idx, x.shape[0])
+    fp8 = _check_fp8(buf, "dispatch", fp8)
+    if buf.backend == "xla":
+        from . import reference
+
+        return reference.dispatch(buf.config, x, topk_idx, fp8=fp8)
+    outs = _ffi.native_call(
+        "jax_ll_ep_dispatch", [x, topk_idx], _dispatch_result_avals(buf, x, fp8), buffer_id=buf.handle,
+        fp8_mode=np.int32(fp8_mode_code(fp8)),
+    )
+    return _pack_dispatch(outs, fp8)
+
+
+def combine(buf: Buffer, y, topk_idx, topk_weights, handle: DispatchHandle):
+    """Sends expert outputs back to their source tokens and reduces them: ``out[t] = sum_k w[t,k] * y[slot(t,k)]``
+    over valid k, in float32, in k order. Returns ``out`` [n, H] bfloat16."""
+    _check_context(buf, "combine")
+    y = _check_layout(buf, "combine", "y", jnp.asarray(y).astype(jnp.bfloat16) if jnp.asarray(y).dtype == jnp.float32
+                      else y, jnp.bfloat16, (buf.hidden,))
+    topk_idx = jnp.asarray(topk_idx)
+    if topk_idx.ndim != 2:
+        raise ValueError(f"combine: topk_idx must have shape [n, K], got {tuple(topk_idx.shape)}")
+    if topk_idx.shape[0] > buf.max_tokens_per_rank:
+        raise ValueError(f"combine: topk_idx has {topk_idx.shape[0]} tokens but the buffer holds at most "
+                         f"max_tokens_per_rank={buf.max_tokens_per_rank}")
+    topk_idx = _check_topk(buf, "combine", topk_idx, topk_idx.shape[0])
+    topk_weights = _check_weights("combine", topk_weights, topk_idx.shape)
+    handle = _check_handle(buf, "combine", handle)
+    if buf.backend == "xla":
+        from . import reference
+
+        return reference.combine(buf.config, y, topk_idx, topk_weights, handle)
+    (out,) = _ffi.native_call(
+        "jax_ll_ep_combine", [y, handle.src_info, handle.layout_range, handle.src_topk_pos, topk_idx, topk_weights],
+        [_aval(y, (topk_idx.shape[0], buf.hidden), jnp.bfloat16)], buffer_id=buf.handle,
+    )
+    return out
+
+
+def dispatch_send(buf: Buffer, x, topk_idx, *, fp8: Fp8Options | None = None) -> DispatchPending:
+    """The send half of dispatch: returns as soon as this rank's tokens and signals are out. Work placed between
+    dispatch_send and dispatch_recv overlaps the transfer. Call dispatch_recv before the next send on ``buf``."""
+    _check_context(buf, "dispatch_send")
+    x = _check_tokens(buf, "dispatch_send", "x", x, float_ok=True)
+    topk_idx = _check_topk(buf, "dispatch_send", topk_idx, x.shape[0])
+    fp8 = _check_fp8(buf, "dispatch_send", fp8)
+    _require_native(buf, "dispatch_send")
+    (ticket,) = _ffi.native_call(
+        "jax_ll_ep_dispatch_send", [x, topk_idx], [_ticket_aval(x)], buffer_id=buf.handle,
+        fp8_mode=np.int32(fp8_mode_code(fp8)),
+    )
+    return DispatchPending(ticket, fp8)
+
+
+def dispatch_recv(buf: Buffer, pending: DispatchPending):
+    """The receive half of dispatch: waits for every rank's tokens; returns ``(recv_x, recv_count, handle)``."""
+    _check_context(buf, "dispatch_recv")
+    if not isinstance(pending, DispatchPending):
+        raise TypeError(f"dispatch_recv: pending must come from dispatch_send, got {type(pending).__name__}")
+    _require_native(buf, "dispatch_recv")
+    fp8 = pending.fp8
+    outs = _ffi.native_call(
+        "jax_ll_ep_dispatch_recv", [pending.ticket], _dispatch_result_avals(buf, pending.ticket, fp8),
+        buffer_id=buf.handle, fp8_mode=np.int32(fp8_mode_code(fp8)),
+    )
+    return _pack_dispatch(outs, fp8)
+
+
+def combine_send(buf: Buffer, y, topk_idx, topk_weights, handle: DispatchHandle) -> CombinePending:
+    """The send half of combine. Call combine_recv before the next send on ``buf``."""
+    _check_context(buf, "combine_send")
+    y = _check_layout(buf, "combine_send", "y", y, jnp.bfloat16, (buf.hidden,))
+    topk_idx = jnp.asarray(topk_idx)
+    if topk_idx.ndim != 2:
+        raise ValueError(f"combine_send: topk_idx must have shape [n, K], got {tuple(topk_idx.shape)}")
+    topk_idx = _check_topk(buf, "combine_send", topk_idx, topk_idx.shape[0])
+    topk_weights = _check_weights("combine_send", topk_weights, topk_idx.shape)
+    handle = _check_handle(buf, "combine_send", handle)
+    _require_native(buf, "combine_send")
+    (ticket,) = _ffi.native_call(
+        "jax_ll_ep_combine_send", [y, handle.src_info, handle.layout_range, handle.src_topk_pos],
+        [_ticket_aval(y)], buffer_id=buf.handle,
+    )
+    return CombinePending(ticket, topk_idx, topk_weights)
+
+
+def combine_recv(buf: Buffer, pending: CombinePending):
+    """The receive half of combine: waits for every expert output addressed to this rank and reduces them."""
+    _check_context(buf, "combine_recv")
+    if not isinstance(pending, CombinePending):
+        raise TypeError(f"combine_recv: pending must come from combine_send, got {type(pending).__name__}")
+    _require_native(buf, "combine_recv")
+    n = pending.topk_idx.shape[0]
+    (out,) = _ffi.native_call(
+        "jax_ll_ep_combine_recv", [pending.ticket, pending.topk_idx, pending.topk_weights],
+        [_aval(pending.topk_weights, (n, buf.hidden), jnp.bfloat16)], buffer_id=buf.handle,
+    )
+    return out
+
+
+def _require_native(buf: Buffer, op: str) -> None:
+    if buf.backend == "xla":
+        raise NotImplementedError(
+            f"{op}: the split send/recv forms need the 'cpu' or 'cuda' backend; the 'xla' backend (all_to_all) has "
+            f"no separate halves. Use dispatch/combine, or a native backend."
+        )

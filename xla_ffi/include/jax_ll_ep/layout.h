@@ -1,0 +1,226 @@
+// The one definition of the symmetric buffer layout, the message format and the signal encoding.
+//
+// Every backend that speaks the protocol (the CPU implementation over host shared memory and the CUDA kernels over
+// NVSHMEM symmetric memory) includes this header; nobody re-derives an offset. Python asks the native module for the
+// sizes (region_bytes) instead of computing them.
+//
+// One rank owns one *region* of region_bytes bytes. All regions have the same layout, so an offset computed on one
+// rank addresses the same field in a peer's region (symmetric memory). A region holds:
+//
+//   state            RankState: the rank's call sequence number and its error record (device state, advanced by the
+//                    protocol code itself; no host state per call).
+//   missing          [E_l][R] uint8: which (rank, local expert) signals never came in the call that timed out.
+//   dispatch_signal  [2][E_l][R] uint64: signal from source rank r for local expert e, by parity of the call.
+//   combine_signal   [2][E_l][R] uint64: signal from expert-owner rank r for its local expert e, by parity.
+//   send             [T] dispatch messages: the sender's staged copy of each token (cast once, sent to K experts).
+//   dispatch_recv    [2][E_l][R][T] dispatch messages: slot s of (e, r) holds source rank r's s-th token (in token
+//                    order) that chose local expert e.
+//   combine_recv     [2][T][kMaxTopk] rows of H bf16: row (t, k) holds the expert output for this rank's token t and
+//                    its k-th choice.
+//
+// Receive regions and signals are double-buffered by the parity of the call's sequence number (requirement 4 of
+// DESIGN.md section 4); signals carry the sequence number itself (requirement 3), so they are never cleaned.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define JLE_HD __host__ __device__ __forceinline__
+#else
+#define JLE_HD inline
+#endif
+
+namespace jax_ll_ep {
+
+inline constexpr int kMaxTopk = 32;          // largest K accepted; the combine receive region has kMaxTopk rows/token
+inline constexpr int kScaleBlock = 128;      // channels per fp8 scale
+inline constexpr int kNumParities = 2;       // double buffering
+inline constexpr int64_t kRegionAlign = 256; // every sub-region starts on this boundary
+inline constexpr int kMaxRanks = 4096;
+
+enum class Fp8Mode : int32_t {
+  kNone = 0,        // bf16 payload
+  kFloatScale = 1,  // e4m3 data, float32 scale = amax / 448
+  kPow2Scale = 2,   // e4m3 data, float32 scale rounded up to a power of two
+  kUe8m0Scale = 3,  // e4m3 data, power-of-two scale delivered as its UE8M0 exponent byte
+};
+
+enum class OpKind : uint32_t { kNone = 0, kDispatch = 1, kCombine = 2 };
+
+// Which halves of a call a handler runs: the fused ops run both, the split forms one each.
+enum Phase : int32_t { kSendPhase = 1, kRecvPhase = 2, kBothPhases = 3 };
+
+// ---------------------------------------------------------------------------------------------------------------
+// Signals. One 64-bit word per (parity, local expert, rank), written with a single release store (or an NVSHMEM
+// signal op with SET), read with acquire loads:
+//   bits 63..32  the low 32 bits of the call's sequence number (sequence numbers start at 1, so zeroed memory
+//                never matches a call)
+//   bits 31..28  OpKind of the call
+//   bits 27..0   the number of tokens announced (0 is a valid count: every pair is signalled on every call)
+// ---------------------------------------------------------------------------------------------------------------
+inline constexpr uint32_t kSignalCountBits = 28;
+inline constexpr uint32_t kSignalCountMask = (1u << kSignalCountBits) - 1;
+
+JLE_HD uint64_t encode_signal(uint64_t seq, OpKind kind, uint32_t count) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(seq)) << 32) |
+         (static_cast<uint64_t>(static_cast<uint32_t>(kind) & 0xFu) << kSignalCountBits) |
+         static_cast<uint64_t>(count & kSignalCountMask);
+}
+JLE_HD uint32_t signal_seq(uint64_t signal) { return static_cast<uint32_t>(signal >> 32); }
+JLE_HD OpKind signal_kind(uint64_t signal) {
+  return static_cast<OpKind>(static_cast<uint32_t>(signal >> kSignalCountBits) & 0xFu);
+}
+JLE_HD uint32_t signal_count(uint64_t signal) { return static_cast<uint32_t>(signal) & kSignalCountMask; }
+
+// How a receiver reads a signal slot while waiting for call `seq` of kind `kind`.
+enum class SignalState : int32_t {
+  kPending = 0,   // an older call's signal (or none yet): keep waiting
+  kArrived = 1,   // this call's signal
+  kMismatch = 2,  // same sequence number but another op kind, or a newer call: the ranks' call sequences differ
+};
+JLE_HD SignalState classify_signal(uint64_t signal, uint64_t seq, OpKind kind) {
+  const int32_t ahead = static_cast<int32_t>(signal_seq(signal) - static_cast<uint32_t>(seq));
+  if (ahead < 0) return SignalState::kPending;
+  if (ahead == 0 && signal_kind(signal) == kind) return SignalState::kArrived;
+  if (ahead == 0 && signal_kind(signal) == OpKind::kNone) return SignalState::kPending;
+  return SignalState::kMismatch;
+}
+
+JLE_HD int parity_of(uint64_t seq) { return static_cast<int>(seq & 1u); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dispatch message: a 16-byte header, then the payload.
+//   bf16:  H bf16 values (2H bytes)
+//   fp8:   H e4m3 bytes, then H/128 float32 scales (always float32 on the wire; the receiver converts to the
+//          requested output format)
+// ---------------------------------------------------------------------------------------------------------------
+struct MessageHeader {
+  int32_t src_token;  // token index at the source rank
+  int32_t topk_pos;   // position k of this expert in the source token's top-k row
+  uint32_t seq;       // low 32 bits of the call's sequence number (diagnostics only; the signal is authoritative)
+  uint32_t reserved;
+};
+static_assert(sizeof(MessageHeader) == 16, "message header must stay 16 bytes");
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-rank state and error record (at state_offset of the rank's own region; written only by its owner).
+// ---------------------------------------------------------------------------------------------------------------
+enum class ErrorCode : uint32_t {
+  kOk = 0,
+  kTimeout = 1,           // some (rank, local expert) signals never came within timeout_s; see `missing`
+  kSequenceMismatch = 2,  // a peer signalled another op kind or a newer call: call sequences differ between ranks
+  kInvalidExpert = 3,     // a topk_idx entry outside [-1, E); the entry was treated as -1
+  kDuplicateExpert = 4,   // an expert repeated within one token's row; the repeat was treated as -1
+  kSplitMisuse = 5,       // a send half while another call is open, or a receive half with no open call
+};
+
+struct RankState {
+  uint64_t seq;        // sequence number of the last call whose receive half completed (0 before the first call)
+  uint64_t open_seq;   // sequence number of a call whose send half ran and whose receive half has not yet (0: none)
+  uint32_t error_code;    // first error recorded since the last check (ErrorCode)
+  uint32_t error_kind;    // OpKind of the call it happened in
+  uint64_t error_seq;     // sequence number of that call
+  int64_t error_detail;   // kTimeout/kSequenceMismatch: number of pairs; kInvalidExpert/kDuplicateExpert: the id
+  uint32_t error_count;   // errors recorded since the last check (only the first is described)
+  uint32_t reserved0;
+  uint64_t reserved[10];
+};
+static_assert(sizeof(RankState) == 128, "RankState must stay 128 bytes");
+
+JLE_HD int64_t align_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The layout of one rank's region. make_layout() is the only place that computes offsets.
+// ---------------------------------------------------------------------------------------------------------------
+struct Layout {
+  int32_t num_ranks;          // R
+  int32_t num_local_experts;  // E_l = E / R
+  int32_t max_tokens;         // T
+  int32_t hidden;             // H
+  int64_t message_bytes;      // stride of one dispatch message
+  int64_t combine_row_bytes;  // stride of one combine row (2H)
+  int64_t state_offset;
+  int64_t missing_offset;
+  int64_t dispatch_signal_offset;
+  int64_t combine_signal_offset;
+  int64_t send_offset;
+  int64_t dispatch_recv_offset;
+  int64_t combine_recv_offset;
+  int64_t region_bytes;
+
+  JLE_HD int64_t num_pairs() const { return static_cast<int64_t>(num_local_experts) * num_ranks; }
+  JLE_HD int64_t pair_index(int local_expert, int rank) const {
+    return static_cast<int64_t>(local_expert) * num_ranks + rank;
+  }
+
+  JLE_HD RankState* state(uint8_t* region) const { return reinterpret_cast<RankState*>(region + state_offset); }
+  JLE_HD uint8_t* missing(uint8_t* region) const { return region + missing_offset; }
+  JLE_HD uint64_t* dispatch_signal(uint8_t* region, int parity, int local_expert, int src_rank) const {
+    return reinterpret_cast<uint64_t*>(region + dispatch_signal_offset) + parity * num_pairs() +
+           pair_index(local_expert, src_rank);
+  }
+  JLE_HD uint64_t* combine_signal(uint8_t* region, int parity, int local_expert, int owner_rank) const {
+    return reinterpret_cast<uint64_t*>(region + combine_signal_offset) + parity * num_pairs() +
+           pair_index(local_expert, owner_rank);
+  }
+  JLE_HD uint8_t* send_message(uint8_t* region, int token) const {
+    return region + send_offset + static_cast<int64_t>(token) * message_bytes;
+  }
+  JLE_HD uint8_t* dispatch_message(uint8_t* region, int parity, int local_expert, int src_rank, int slot) const {
+    const int64_t index = (static_cast<int64_t>(parity) * num_pairs() + pair_index(local_expert, src_rank)) *
+                              max_tokens + slot;
+    return region + dispatch_recv_offset + index * message_bytes;
+  }
+  JLE_HD uint8_t* combine_row(uint8_t* region, int parity, int token, int topk_pos) const {
+    const int64_t index = (static_cast<int64_t>(parity) * max_tokens + token) * kMaxTopk + topk_pos;
+    return region + combine_recv_offset + index * combine_row_bytes;
+  }
+
+  // Payload pointers inside a dispatch message.
+  JLE_HD static MessageHeader* header(uint8_t* message) { return reinterpret_cast<MessageHeader*>(message); }
+  JLE_HD static uint8_t* payload(uint8_t* message) { return message + sizeof(MessageHeader); }
+  JLE_HD float* fp8_scales(uint8_t* message) const {
+    return reinterpret_cast<float*>(message + sizeof(MessageHeader) + hidden);
+  }
+};
+
+// Returns a layout with region_bytes == 0 if the arguments are invalid (the Python side validates first and says
+// why; this is the native side's last line of defence).
+JLE_HD Layout make_layout(int32_t num_ranks, int32_t num_experts, int32_t max_tokens, int32_t hidden) {
+  Layout l = {};
+  if (num_ranks <= 0 || num_ranks > kMaxRanks || num_experts <= 0 || num_experts % num_ranks != 0 ||
+      max_tokens <= 0 || hidden <= 0 || hidden % 8 != 0) {
+    return l;
+  }
+  l.num_ranks = num_ranks;
+  l.num_local_experts = num_experts / num_ranks;
+  l.max_tokens = max_tokens;
+  l.hidden = hidden;
+  const int64_t h = hidden;
+  const int64_t fp8_payload = h + (h + kScaleBlock - 1) / kScaleBlock * 4;
+  const int64_t bf16_payload = 2 * h;
+  l.message_bytes = align_up(static_cast<int64_t>(sizeof(MessageHeader)) +
+                                 (fp8_payload > bf16_payload ? fp8_payload : bf16_payload),
+                             16);
+  l.combine_row_bytes = 2 * h;
+  int64_t offset = 0;
+  l.state_offset = offset;
+  offset = align_up(offset + static_cast<int64_t>(sizeof(RankState)), kRegionAlign);
+  l.missing_offset = offset;
+  offset = align_up(offset + l.num_pairs(), kRegionAlign);
+  l.dispatch_signal_offset = offset;
+  offset = align_up(offset + kNumParities * l.num_pairs() * 8, kRegionAlign);
+  l.combine_signal_offset = offset;
+  offset = align_up(offset + kNumParities * l.num_pairs() * 8, kRegionAlign);
+  l.send_offset = offset;
+  offset = align_up(offset + static_cast<int64_t>(max_tokens) * l.message_bytes, kRegionAlign);
+  l.dispatch_recv_offset = offset;
+  offset = align_up(offset + kNumParities * l.num_pairs() * max_tokens * l.message_bytes, kRegionAlign);
+  l.combine_recv_offset = offset;
+  offset = align_up(offset + kNumParities * static_cast<int64_t>(max_tokens) * kMaxTopk * l.combine_row_bytes,
+                    kRegionAlign);
+  l.region_bytes = offset;
+  return l;
+}
+
+}  // namespace jax_ll_ep
