@@ -22,51 +22,18 @@ receive before the next send on the same buffer.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _ffi
+from . import _ffi, _native_ops
+from ._native_ops import aval as _aval
+from ._native_ops import dispatch_result_avals as _dispatch_result_avals
+from ._native_ops import pack_dispatch as _pack_dispatch
+from ._native_ops import ticket_aval as _ticket_aval
 from .buffers import Buffer
 from .config import MAX_TOPK, SCALE_BLOCK, Fp8Options, fp8_mode_code
-
-
-class Fp8Array(NamedTuple):
-    """FP8 payload: ``data`` [..., H] float8_e4m3fn and ``scale`` [..., H/128] (float32, or float8_e8m0fnu for
-    UE8M0); the value is ``data * scale`` per 128-channel block."""
-
-    data: jax.Array
-    scale: jax.Array
-
-
-class DispatchHandle(NamedTuple):
-    """What combine needs to send rows back. Arrays, so it flows through jit/scan like any pytree.
-
-    src_info:     [E_l, R*T] int32, the source token index of each received row.
-    layout_range: [E_l, R, 2] int32, (offset, count) of each source rank's rows within a local expert.
-    src_topk_pos: [E_l, R*T] int32, the position k of this expert in the source token's top-k row.
-    """
-
-    src_info: jax.Array
-    layout_range: jax.Array
-    src_topk_pos: jax.Array
-
-
-class DispatchPending(NamedTuple):
-    """Returned by dispatch_send; pass it to dispatch_recv."""
-
-    ticket: jax.Array
-    fp8: Fp8Options | None
-
-
-class CombinePending(NamedTuple):
-    """Returned by combine_send; pass it to combine_recv."""
-
-    ticket: jax.Array
-    topk_idx: jax.Array
-    topk_weights: jax.Array
+from .types import CombinePending, DispatchHandle, DispatchPending
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,8 +90,9 @@ def _check_topk(buf: Buffer, op: str, topk_idx, num_tokens: int) -> jax.Array:
 def _check_weights(op: str, topk_weights, shape) -> jax.Array:
     topk_weights = jnp.asarray(topk_weights)
     if tuple(topk_weights.shape) != tuple(shape):
-        raise ValueError(f"{op}: topk_weights must have the shape of topk_idx {tuple(shape)}, got "
-                         f"{tuple(topk_weights.shape)}")
+        raise ValueError(
+            f"{op}: topk_weights must have the shape of topk_idx {tuple(shape)}, got {tuple(topk_weights.shape)}"
+        )
     if topk_weights.dtype != jnp.float32:
         raise TypeError(f"{op}: topk_weights must be float32, got {topk_weights.dtype}")
     return topk_weights
@@ -144,8 +112,9 @@ def _check_layout(buf: Buffer, op: str, name: str, arr, dtype, trailing: tuple[i
     arr = jnp.asarray(arr)
     shape = (buf.num_local_experts, buf.config.recv_rows, *trailing)
     if tuple(arr.shape) != shape:
-        raise ValueError(f"{op}: {name} must have shape {shape} (the dispatch layout [E_l, R*T, ...]), got "
-                         f"{tuple(arr.shape)}")
+        raise ValueError(
+            f"{op}: {name} must have shape {shape} (the dispatch layout [E_l, R*T, ...]), got {tuple(arr.shape)}"
+        )
     if arr.dtype != dtype:
         raise TypeError(f"{op}: {name} must be {jnp.dtype(dtype).name}, got {arr.dtype}")
     return arr
@@ -159,46 +128,11 @@ def _check_handle(buf: Buffer, op: str, handle) -> DispatchHandle:
     _check_layout(buf, op, "handle.src_topk_pos", handle.src_topk_pos, jnp.int32, ())
     lr = jnp.asarray(handle.layout_range)
     if tuple(lr.shape) != (e_l, buf.num_ranks, 2) or lr.dtype != jnp.int32:
-        raise ValueError(f"{op}: handle.layout_range must be int32 [{e_l}, {buf.num_ranks}, 2], got "
-                         f"{lr.dtype}{tuple(lr.shape)}")
+        raise ValueError(
+            f"{op}: handle.layout_range must be int32 [{e_l}, {buf.num_ranks}, 2], got {lr.dtype}{tuple(lr.shape)}"
+        )
     del rows
     return handle
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Native (cpu / cuda) calls. Result types take the caller's varying-axes type so shard_map's checks pass.
-# ---------------------------------------------------------------------------------------------------------------
-def _aval(like: jax.Array, shape, dtype):
-    return jax.typeof(like).update(shape=tuple(shape), dtype=jnp.dtype(dtype), weak_type=False)
-
-
-def _scale_dtype(fp8: Fp8Options | None):
-    return jnp.float8_e8m0fnu if fp8 is not None and fp8.scale_format == "ue8m0" else jnp.float32
-
-
-def _dispatch_result_avals(buf: Buffer, like: jax.Array, fp8: Fp8Options | None):
-    e_l, rows, h, r = buf.num_local_experts, buf.config.recv_rows, buf.hidden, buf.num_ranks
-    data_dtype = jnp.float8_e4m3fn if fp8 is not None else jnp.bfloat16
-    scale_shape = (e_l, rows, h // SCALE_BLOCK) if fp8 is not None else (1,)
-    return [
-        _aval(like, (e_l, rows, h), data_dtype),
-        _aval(like, scale_shape, _scale_dtype(fp8)),
-        _aval(like, (e_l,), jnp.int32),
-        _aval(like, (e_l, rows), jnp.int32),
-        _aval(like, (e_l, r, 2), jnp.int32),
-        _aval(like, (e_l, rows), jnp.int32),
-    ]
-
-
-def _pack_dispatch(outs, fp8):
-    recv_x, recv_scale, recv_count, src_info, layout_range, src_topk_pos = outs
-    if fp8 is not None:
-        recv_x = Fp8Array(recv_x, recv_scale)
-    return recv_x, recv_count, DispatchHandle(src_info, layout_range, src_topk_pos)
-
-
-def _ticket_aval(like):
-    return _aval(like, (1,), jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,25 +151,29 @@ def dispatch(buf: Buffer, x, topk_idx, *, fp8: Fp8Options | None = None):
         from . import reference
 
         return reference.dispatch(buf.config, x, topk_idx, fp8=fp8)
-    outs = _ffi.native_call(
-        "jax_ll_ep_dispatch", [x, topk_idx], _dispatch_result_avals(buf, x, fp8), buffer_id=buf.handle,
-        fp8_mode=np.int32(fp8_mode_code(fp8)),
-    )
-    return _pack_dispatch(outs, fp8)
+    return _native_ops.dispatch(buf, x, topk_idx, fp8)
 
 
 def combine(buf: Buffer, y, topk_idx, topk_weights, handle: DispatchHandle):
     """Sends expert outputs back to their source tokens and reduces them: ``out[t] = sum_k w[t,k] * y[slot(t,k)]``
     over valid k, in float32, in k order. Returns ``out`` [n, H] bfloat16."""
     _check_context(buf, "combine")
-    y = _check_layout(buf, "combine", "y", jnp.asarray(y).astype(jnp.bfloat16) if jnp.asarray(y).dtype == jnp.float32
-                      else y, jnp.bfloat16, (buf.hidden,))
+    y = _check_layout(
+        buf,
+        "combine",
+        "y",
+        jnp.asarray(y).astype(jnp.bfloat16) if jnp.asarray(y).dtype == jnp.float32 else y,
+        jnp.bfloat16,
+        (buf.hidden,),
+    )
     topk_idx = jnp.asarray(topk_idx)
     if topk_idx.ndim != 2:
         raise ValueError(f"combine: topk_idx must have shape [n, K], got {tuple(topk_idx.shape)}")
     if topk_idx.shape[0] > buf.max_tokens_per_rank:
-        raise ValueError(f"combine: topk_idx has {topk_idx.shape[0]} tokens but the buffer holds at most "
-                         f"max_tokens_per_rank={buf.max_tokens_per_rank}")
+        raise ValueError(
+            f"combine: topk_idx has {topk_idx.shape[0]} tokens but the buffer holds at most "
+            f"max_tokens_per_rank={buf.max_tokens_per_rank}"
+        )
     topk_idx = _check_topk(buf, "combine", topk_idx, topk_idx.shape[0])
     topk_weights = _check_weights("combine", topk_weights, topk_idx.shape)
     handle = _check_handle(buf, "combine", handle)
@@ -243,11 +181,7 @@ def combine(buf: Buffer, y, topk_idx, topk_weights, handle: DispatchHandle):
         from . import reference
 
         return reference.combine(buf.config, y, topk_idx, topk_weights, handle)
-    (out,) = _ffi.native_call(
-        "jax_ll_ep_combine", [y, handle.src_info, handle.layout_range, handle.src_topk_pos, topk_idx, topk_weights],
-        [_aval(y, (topk_idx.shape[0], buf.hidden), jnp.bfloat16)], buffer_id=buf.handle,
-    )
-    return out
+    return _native_ops.combine(buf, y, topk_idx, topk_weights, handle)
 
 
 def dispatch_send(buf: Buffer, x, topk_idx, *, fp8: Fp8Options | None = None) -> DispatchPending:
@@ -259,7 +193,10 @@ def dispatch_send(buf: Buffer, x, topk_idx, *, fp8: Fp8Options | None = None) ->
     fp8 = _check_fp8(buf, "dispatch_send", fp8)
     _require_native(buf, "dispatch_send")
     (ticket,) = _ffi.native_call(
-        "jax_ll_ep_dispatch_send", [x, topk_idx], [_ticket_aval(x)], buffer_id=buf.handle,
+        "jax_ll_ep_dispatch_send",
+        [x, topk_idx],
+        [_ticket_aval(x)],
+        buffer_id=buf.handle,
         fp8_mode=np.int32(fp8_mode_code(fp8)),
     )
     return DispatchPending(ticket, fp8)
@@ -273,8 +210,11 @@ def dispatch_recv(buf: Buffer, pending: DispatchPending):
     _require_native(buf, "dispatch_recv")
     fp8 = pending.fp8
     outs = _ffi.native_call(
-        "jax_ll_ep_dispatch_recv", [pending.ticket], _dispatch_result_avals(buf, pending.ticket, fp8),
-        buffer_id=buf.handle, fp8_mode=np.int32(fp8_mode_code(fp8)),
+        "jax_ll_ep_dispatch_recv",
+        [pending.ticket],
+        _dispatch_result_avals(buf, pending.ticket, fp8),
+        buffer_id=buf.handle,
+        fp8_mode=np.int32(fp8_mode_code(fp8)),
     )
     return _pack_dispatch(outs, fp8)
 
@@ -291,8 +231,10 @@ def combine_send(buf: Buffer, y, topk_idx, topk_weights, handle: DispatchHandle)
     handle = _check_handle(buf, "combine_send", handle)
     _require_native(buf, "combine_send")
     (ticket,) = _ffi.native_call(
-        "jax_ll_ep_combine_send", [y, handle.src_info, handle.layout_range, handle.src_topk_pos],
-        [_ticket_aval(y)], buffer_id=buf.handle,
+        "jax_ll_ep_combine_send",
+        [y, handle.src_info, handle.layout_range, handle.src_topk_pos],
+        [_ticket_aval(y)],
+        buffer_id=buf.handle,
     )
     return CombinePending(ticket, topk_idx, topk_weights)
 
@@ -305,8 +247,10 @@ def combine_recv(buf: Buffer, pending: CombinePending):
     _require_native(buf, "combine_recv")
     n = pending.topk_idx.shape[0]
     (out,) = _ffi.native_call(
-        "jax_ll_ep_combine_recv", [pending.ticket, pending.topk_idx, pending.topk_weights],
-        [_aval(pending.topk_weights, (n, buf.hidden), jnp.bfloat16)], buffer_id=buf.handle,
+        "jax_ll_ep_combine_recv",
+        [pending.ticket, pending.topk_idx, pending.topk_weights],
+        [_aval(pending.topk_weights, (n, buf.hidden), jnp.bfloat16)],
+        buffer_id=buf.handle,
     )
     return out
 
