@@ -86,8 +86,19 @@ def _lowering(ctx, *args, target, result_avals, buffer_id, attrs):
     return list(op.results[:-1])
 
 
+def _cuda_lowering(ctx, *args, **params):
+    # XLA:GPU's dynamic-slice-fusion rewriter wraps a custom call whose operands are dynamic slices (or whose results
+    # feed dynamic-update-slices, as in lax.scan) into a fusion; with our token result that fusion crashes the
+    # compiler (jax 0.11.2: "Check failed: shape.IsArray() || shape.IsTuple()" in GpuHloCostAnalysis). Optimization
+    # barriers on the array operands and results keep the rewriter away; they cost no copy.
+    if args:
+        args = hlo.OptimizationBarrierOp(list(args)).results
+    outs = _lowering(ctx, *args, **params)
+    return list(hlo.OptimizationBarrierOp(outs).results) if outs else outs
+
+
 mlir.register_lowering(native_call_p, _lowering, platform="cpu")
-mlir.register_lowering(native_call_p, _lowering, platform="cuda")
+mlir.register_lowering(native_call_p, _cuda_lowering, platform="cuda")
 
 
 def native_call(target: str, args: Sequence, result_avals: Sequence, *, buffer_id: int, **attrs):

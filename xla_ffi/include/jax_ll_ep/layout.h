@@ -32,10 +32,10 @@
 
 namespace jax_ll_ep {
 
-inline constexpr int kMaxTopk = 32;          // largest K accepted; the combine receive region has kMaxTopk rows/token
-inline constexpr int kScaleBlock = 128;      // channels per fp8 scale
-inline constexpr int kNumParities = 2;       // double buffering
-inline constexpr int64_t kRegionAlign = 256; // every sub-region starts on this boundary
+inline constexpr int kMaxTopk = 32;           // largest K accepted; the combine receive region has kMaxTopk rows/token
+inline constexpr int kScaleBlock = 128;       // channels per fp8 scale
+inline constexpr int kNumParities = 2;        // double buffering
+inline constexpr int64_t kRegionAlign = 256;  // every sub-region starts on this boundary
 inline constexpr int kMaxRanks = 4096;
 
 enum class Fp8Mode : int32_t {
@@ -111,19 +111,34 @@ enum class ErrorCode : uint32_t {
   kSequenceMismatch = 2,  // a peer signalled another op kind or a newer call: call sequences differ between ranks
   kInvalidExpert = 3,     // a topk_idx entry outside [-1, E); the entry was treated as -1
   kDuplicateExpert = 4,   // an expert repeated within one token's row; the repeat was treated as -1
-  kSplitMisuse = 5,       // a send half while another call is open, or a receive half with no open call
+  kSplitMisuse = 5,       // a send half while another call is open, or a receive half with no open call (or one
+                          // of the other op kind); nothing was written to peers
+  kInvalidHandle = 6,     // combine: a handle entry outside the receive layout (skipped), or a peer's row count
+                          // that disagrees with this rank's topk_idx (the handle is not from the same dispatch)
 };
 
 struct RankState {
-  uint64_t seq;        // sequence number of the last call whose receive half completed (0 before the first call)
-  uint64_t open_seq;   // sequence number of a call whose send half ran and whose receive half has not yet (0: none)
-  uint32_t error_code;    // first error recorded since the last check (ErrorCode)
-  uint32_t error_kind;    // OpKind of the call it happened in
-  uint64_t error_seq;     // sequence number of that call
-  int64_t error_detail;   // kTimeout/kSequenceMismatch: number of pairs; kInvalidExpert/kDuplicateExpert: the id
-  uint32_t error_count;   // errors recorded since the last check (only the first is described)
+  uint64_t seq;         // sequence number of the last call whose receive half completed (0 before the first call)
+  uint64_t open_seq;    // sequence number of a call whose send half ran and whose receive half has not yet (0: none)
+  uint32_t error_code;  // first error recorded since the last check (ErrorCode)
+  uint32_t error_kind;  // OpKind of the call it happened in
+  uint64_t error_seq;   // sequence number of that call
+  // kTimeout: number of missing pairs; kSequenceMismatch: 1; kInvalidExpert/kDuplicateExpert: the id;
+  // kInvalidHandle: the bad row, -1 - pair for a bad layout_range entry, or the pair whose row count disagreed.
+  int64_t error_detail;
+  uint32_t error_count;    // errors recorded since the last check (only the first is described)
+  uint32_t open_kind;      // OpKind of the open call (meaningful while open_seq != 0)
+  int32_t error_token;     // routing/handle errors: the token (or row) of the first bad entry; mismatch: the peer rank
+  int32_t error_topk_pos;  // routing errors: its position k; mismatch: the local expert whose signal disagreed
+  uint64_t error_signal;   // kSequenceMismatch: the signal word that was found
+  // A fault the open call's send half found (routing, handle), described like the record above; the receive half
+  // reports it once the protocol has completed (checked behaviour), then clears it.
+  uint32_t open_error;  // ErrorCode
+  int32_t open_error_token;
+  int64_t open_error_detail;
+  int32_t open_error_topk_pos;
   uint32_t reserved0;
-  uint64_t reserved[10];
+  uint64_t reserved[5];
 };
 static_assert(sizeof(RankState) == 128, "RankState must stay 128 bytes");
 
@@ -167,8 +182,8 @@ struct Layout {
     return region + send_offset + static_cast<int64_t>(token) * message_bytes;
   }
   JLE_HD uint8_t* dispatch_message(uint8_t* region, int parity, int local_expert, int src_rank, int slot) const {
-    const int64_t index = (static_cast<int64_t>(parity) * num_pairs() + pair_index(local_expert, src_rank)) *
-                              max_tokens + slot;
+    const int64_t index =
+        (static_cast<int64_t>(parity) * num_pairs() + pair_index(local_expert, src_rank)) * max_tokens + slot;
     return region + dispatch_recv_offset + index * message_bytes;
   }
   JLE_HD uint8_t* combine_row(uint8_t* region, int parity, int token, int topk_pos) const {
@@ -188,8 +203,8 @@ struct Layout {
 // why; this is the native side's last line of defence).
 JLE_HD Layout make_layout(int32_t num_ranks, int32_t num_experts, int32_t max_tokens, int32_t hidden) {
   Layout l = {};
-  if (num_ranks <= 0 || num_ranks > kMaxRanks || num_experts <= 0 || num_experts % num_ranks != 0 ||
-      max_tokens <= 0 || hidden <= 0 || hidden % 8 != 0) {
+  if (num_ranks <= 0 || num_ranks > kMaxRanks || num_experts <= 0 || num_experts % num_ranks != 0 || max_tokens <= 0 ||
+      hidden <= 0 || hidden % 8 != 0) {
     return l;
   }
   l.num_ranks = num_ranks;
@@ -199,9 +214,8 @@ JLE_HD Layout make_layout(int32_t num_ranks, int32_t num_experts, int32_t max_to
   const int64_t h = hidden;
   const int64_t fp8_payload = h + (h + kScaleBlock - 1) / kScaleBlock * 4;
   const int64_t bf16_payload = 2 * h;
-  l.message_bytes = align_up(static_cast<int64_t>(sizeof(MessageHeader)) +
-                                 (fp8_payload > bf16_payload ? fp8_payload : bf16_payload),
-                             16);
+  l.message_bytes = align_up(
+      static_cast<int64_t>(sizeof(MessageHeader)) + (fp8_payload > bf16_payload ? fp8_payload : bf16_payload), 16);
   l.combine_row_bytes = 2 * h;
   int64_t offset = 0;
   l.state_offset = offset;
@@ -217,8 +231,8 @@ JLE_HD Layout make_layout(int32_t num_ranks, int32_t num_experts, int32_t max_to
   l.dispatch_recv_offset = offset;
   offset = align_up(offset + kNumParities * l.num_pairs() * max_tokens * l.message_bytes, kRegionAlign);
   l.combine_recv_offset = offset;
-  offset = align_up(offset + kNumParities * static_cast<int64_t>(max_tokens) * kMaxTopk * l.combine_row_bytes,
-                    kRegionAlign);
+  offset =
+      align_up(offset + kNumParities * static_cast<int64_t>(max_tokens) * kMaxTopk * l.combine_row_bytes, kRegionAlign);
   l.region_bytes = offset;
   return l;
 }

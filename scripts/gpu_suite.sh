@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one command on a one-GPU machine:
+#   scripts/gpu_suite.sh [OUT_DIR]
+# 1. makes nvshmem4py importable (installs the wheel(s) in .whl/ into a private folder when it is missing),
+# 2. builds the CUDA module when jax_ll_ep/_jax_ll_ep_cuda*.so is missing (CMake + the image's nvcc),
+# 3. starts the CUDA MPS daemon (private pipe/log folders) so that several rank processes share the GPU
+#    concurrently; each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks,
+# 4. runs tests/gpu with 1 rank and with 2, 4 and 8 ranks (JAX_LL_EP_GPU_RANKS overrides),
+# 5. stops MPS and runs compute-sanitizer (memcheck, racecheck) on a small 2-rank case,
+# 6. prints a summary. Logs and results go to OUT_DIR (default build/gpu-suite).
+# JAX_LL_EP_GPU_RANKS (default 1,2,4,8) picks the rank counts; JAX_LL_EP_GPU_SANITIZER=0 skips step 5.
+# Python: $PYTHON (default python3) with jax[cuda13], nvidia-nvshmem-cu13, cuda-core and pytest installed.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+out="$(mkdir -p "${1:-build/gpu-suite}" && cd "${1:-build/gpu-suite}" && pwd)"
+py="${PYTHON:-python3}"
+summary="$out/summary.txt"
+: >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
+
+export XLA_PYTHON_CLIENT_PREALLOCATE=false NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_DISABLE_NVLS=1 TF_CPP_MIN_LOG_LEVEL=2
+export PYTHONUNBUFFERED=1
+
+# 1. nvshmem4py
+if ! "$py" -c "import nvshmem.core" 2>/dev/null; then
+  site="$(mktemp -d)/site"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
+    || { note "FAIL: nvshmem4py is not installed and .whl/ has no usable wheel"; exit 1; }
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+note "card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+note "versions: $("$py" -c 'import jax, nvshmem, cuda.core as c, importlib.metadata as m; print("jax", jax.__version__, "| nvshmem4py", nvshmem.__version__ if hasattr(nvshmem, "__version__") else m.version("nvshmem4py-cu13"), "| cuda.core", m.version("cuda-core"), "| nvidia-nvshmem-cu13", m.version("nvidia-nvshmem-cu13"))' 2>&1 | tail -1)"
+
+# 2. the CUDA module (rebuilt when missing or when the one present does not load here)
+if ! "$py" -c "import jax, jax_ll_ep._cuda_backend as c; c._load_module()" >"$out/import.log" 2>&1; then
+  note "building the CUDA module"
+  nvshmem_dir="$("$py" -c 'import nvidia.nvshmem as m; print(m.__path__[0])')"
+  { cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$py")" \
+      -DJAX_LL_EP_CUDA=ON -DNVSHMEM_DIR="$nvshmem_dir" -DCMAKE_INSTALL_PREFIX="$root" \
+      && cmake --build build/gpu -j "$(nproc)" && cmake --install build/gpu; } >"$out/build.log" 2>&1 \
+    || { tail -30 "$out/build.log"; note "FAIL: build (see $out/build.log)"; exit 1; }
+fi
+"$py" -c "import jax_ll_ep._cuda_backend as c; assert c.available(), 'cuda backend unavailable'" \
+  || { note "FAIL: the cuda backend is not available"; exit 1; }
+
+# 3. MPS, stopped on any exit
+mps="$(mktemp -d)"
+export CUDA_MPS_PIPE_DIRECTORY="$mps/pipe" CUDA_MPS_LOG_DIRECTORY="$mps/log"
+mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+stop_mps() { [ -n "${mps_on:-}" ] && echo quit | nvidia-cuda-mps-control >/dev/null 2>&1; mps_on=; }
+trap stop_mps EXIT
+nvidia-cuda-mps-control -d && mps_on=1 || note "WARNING: MPS did not start; ranks will time-slice"
+
+# 4. the suite
+status=0
+JAX_LL_EP_GPU_OUT="$out/runs" "$py" -m pytest tests/gpu -m gpu -p no:cacheprovider -q -rfE \
+  --junitxml="$out/junit.xml" -o "junit_family=xunit2" >"$out/pytest.log" 2>&1 || status=1
+tail -25 "$out/pytest.log"
+"$py" - "$out/junit.xml" <<'EOF' | tee -a "$summary"
+import collections, sys, xml.etree.ElementTree as ET
+cases = ET.parse(sys.argv[1]).getroot().iter("testcase")
+table = collections.defaultdict(lambda: [0, 0, []])
+for c in cases:
+    name = c.get("name")  # test_gpu[RANKS-CHECK] or test_gpu_processes_exit_cleanly[RANKS]
+    ranks = name[name.index("[") + 1 : -1].split("-")[0] if "[" in name else "?"
+    bad = c.find("failure") is not None or c.find("error") is not None
+    skipped = c.find("skipped") is not None
+    row = table[f"ranks={ranks} {'clean exit' if 'exit' in name else 'checks'}"]
+    if bad:
+        row[1] += 1
+        row[2].append(name)
+    elif not skipped:
+        row[0] += 1
+for key, (ok, bad, names) in sorted(table.items()):
+    print(f"{key}: {ok} passed, {bad} failed" + (f" ({', '.join(names)})" if names else ""))
+EOF
+stop_mps
+
+# 5. compute-sanitizer on a small 2-rank case (without MPS: the tools instrument each process on its own)
+[ "${JAX_LL_EP_GPU_SANITIZER:-1}" = 0 ] && tools="" || tools="memcheck racecheck"
+for tool in $tools; do
+  dir="$out/sanitizer-$tool"
+  "$py" - "$dir" "$tool" <<'EOF' >>"$out/sanitizer.log" 2>&1
+import sys
+sys.path.insert(0, "tests/gpu")
+from test_gpu_suite import run_ranks
+out_dir, tool = sys.argv[1], sys.argv[2]
+# Host API errors are not ours to judge (cuda-python probes driver entry points that do not exist, and the
+# sanitizer counts each); kernel memory errors and shared-memory hazards are.
+prefix = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "86", "--target-processes", "all",
+          "--report-api-errors", "no"]
+run = run_ranks(2, out_dir, ["bf16", "fp8", "split_forms"], timeout_s=480, prefix=prefix)
+print(tool, "exit codes", run["returncodes"])
+for r, res in sorted(run["results"].items()):
+    print(tool, "rank", r, {k: v["ok"] for k, v in res.items()})
+EOF
+  codes="$(grep "^$tool exit codes" "$out/sanitizer.log" | tail -1)"
+  errors="$(cat "$dir"/rank*.log 2>/dev/null | grep -E "(ERROR|RACECHECK) SUMMARY" | sort | uniq -c | tr -s ' ' | head -3)"
+  note "sanitizer $tool: ${codes:-no result} | ${errors:-no summary line}"
+  [[ "$codes" == *"[0, 0]"* ]] || status=1
+done
+
+note "GPU suite: $([ $status -eq 0 ] && echo PASSED || echo FAILED) (logs in $out)"
+exit $status

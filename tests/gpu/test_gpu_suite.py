@@ -1,0 +1,150 @@
+"""The GPU suite: the cuda backend against the NumPy oracle with 1 rank and with 2, 4 and 8 ranks as processes
+sharing GPU 0 (one process per rank, ``jax.distributed.initialize(local_device_ids=[0])``).
+
+Run it with ``scripts/gpu_suite.sh`` (it starts the CUDA MPS daemon, which the ranks' spin-waiting kernels need to
+run concurrently, and gives each process its share of the GPU). Each rank count starts its processes once and runs
+every check of tests/gpu/mp_worker.py in them; each (rank count, check) is one test here. Environment:
+  JAX_LL_EP_GPU_RANKS   rank counts to run (default "1,2,4,8")
+  JAX_LL_EP_GPU_OUT     folder for per-rank logs and results (default: a temporary folder)
+  JAX_LL_EP_GPU_SUITE_TIMEOUT   seconds for one rank count's whole run (default 420)
+  JAX_LL_EP_GPU_CHECKS  a comma-separated subset of the checks (default: all)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.gpu, pytest.mark.multiprocess]
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_worker.py")
+RANKS = [int(r) for r in os.environ.get("JAX_LL_EP_GPU_RANKS", "1,2,4,8").split(",") if r.strip()]
+CHECKS = [
+    "bf16",
+    "fp8",
+    "skewed_and_empty",
+    "topk_range",
+    "t1",
+    "t256",
+    "hidden_7168",
+    "hidden_120",
+    "split_forms",
+    "routing_errors",
+    "delays",
+    "scan_fresh_data",
+    "graph_replay",
+    "back_to_back",
+    "put_path",
+    "mesh_2d",
+    "sequence_mismatch",
+    "timeout",
+]
+SUITE_TIMEOUT_S = float(os.environ.get("JAX_LL_EP_GPU_SUITE_TIMEOUT", "420"))
+# JAX_LL_EP_GPU_CHECKS: a comma-separated subset of CHECKS to run (the others are skipped)
+SELECTED = [c for c in os.environ.get("JAX_LL_EP_GPU_CHECKS", "").split(",") if c] or CHECKS
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(num_ranks: int) -> dict:
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")  # one node: no network transport
+    env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Under MPS each rank gets its share of the SMs (NVSHMEM's multi-process-per-GPU mode wants the shares to sum
+    # to at most 100); without MPS the variable is ignored.
+    env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(100 // num_ranks, 1))
+    # Capture everything into command buffers (CUDA graphs), so every check also runs under graph replay.
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1").strip()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(WORKER)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_ranks(num_ranks: int, out_dir: str, checks=(), *, timeout_s: float = SUITE_TIMEOUT_S, prefix=()) -> dict:
+    """Starts one worker process per rank and waits for all of them (shared fate: when one exits with an error,
+    or the deadline passes, the others are killed). Returns {"returncodes", "results": {rank: {check: ...}},
+    "logs": {rank: tail}}."""
+    os.makedirs(out_dir, exist_ok=True)
+    port = _free_port()
+    env = worker_env(num_ranks)
+    procs, logs = [], []
+    for r in range(num_ranks):
+        log = open(os.path.join(out_dir, f"rank{r}.log"), "w")
+        logs.append(log)
+        cmd = [*prefix, sys.executable, WORKER, str(r), str(num_ranks), str(port), out_dir, *checks]
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+    deadline = time.time() + timeout_s
+    failed_at = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            break
+        if failed_at is None and any(c not in (None, 0) for c in codes):
+            failed_at = time.time()
+        # a rank died: give the others a moment to finish on their own, then end them
+        if time.time() > deadline or (failed_at is not None and time.time() > failed_at + 20):
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(0.2)
+    codes = [p.wait() for p in procs]
+    for log in logs:
+        log.close()
+    results, tails = {}, {}
+    for r in range(num_ranks):
+        path = os.path.join(out_dir, f"rank{r}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[r] = json.load(f)
+        with open(os.path.join(out_dir, f"rank{r}.log"), errors="replace") as f:
+            tails[r] = f.read()[-3000:]
+    return {"returncodes": codes, "results": results, "logs": tails}
+
+
+_runs: dict[int, dict] = {}
+
+
+def suite(num_ranks: int) -> dict:
+    if num_ranks not in _runs:
+        base = os.environ.get("JAX_LL_EP_GPU_OUT") or tempfile.mkdtemp(prefix="jax_ll_ep_gpu_")
+        checks = [] if SELECTED == CHECKS else SELECTED
+        _runs[num_ranks] = run_ranks(num_ranks, os.path.join(base, f"ranks{num_ranks}"), checks)
+    return _runs[num_ranks]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+@pytest.mark.parametrize("num_ranks", RANKS)
+def test_gpu(num_ranks, check):
+    if check not in SELECTED:
+        pytest.skip(f"{check} not selected (JAX_LL_EP_GPU_CHECKS)")
+    run = suite(num_ranks)
+    problems = []
+    for r in range(num_ranks):
+        res = run["results"].get(r, {}).get(check)
+        if res is None:
+            problems.append(f"rank {r}: no result (exit code {run['returncodes'][r]}); log tail:\n{run['logs'][r]}")
+        elif not res["ok"]:
+            problems.append(f"rank {r}:\n{res['error']}")
+    assert not problems, f"{check} with {num_ranks} ranks failed:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("num_ranks", RANKS)
+def test_gpu_processes_exit_cleanly(num_ranks):
+    """Every rank finished every check and exited 0 (teardown included: close, NVSHMEM finalize at exit)."""
+    run = suite(num_ranks)
+    bad = {r: c for r, c in enumerate(run["returncodes"]) if c != 0}
+    assert not bad, f"exit codes {bad}; log tails:\n" + "\n".join(run["logs"][r] for r in bad)
