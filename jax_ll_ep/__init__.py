@@ -15,10 +15,6 @@ from .errors import (
     SequenceMismatchError,
 )
 from .ops import (
-    CombinePending,
-    DispatchHandle,
-    DispatchPending,
-    Fp8Array,
     combine,
     combine_recv,
     combine_send,
@@ -26,6 +22,7 @@ from .ops import (
     dispatch_recv,
     dispatch_send,
 )
+from .types import CombinePending, DispatchHandle, DispatchPending, Fp8Array
 
 __version__ = "0.1.0"
 

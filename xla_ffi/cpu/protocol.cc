@@ -1,0 +1,666 @@
+// The low-latency protocol over host memory. Read with protocol.h and docs/protocol.md; the CUDA kernels implement
+// the same steps in the same order (xla_ffi/cuda/), so the two can be compared function by function:
+//   dispatch_send / dispatch_recv / combine_send / combine_recv, wait_for_signals, and the call lifecycle
+//   (open_call / close_call) on RankState.
+#include "cpu/protocol.h"
+
+#include <string.h>
+
+#include <chrono>
+#include <cstdio>
+#include <numeric>
+#include <thread>
+#include <vector>
+
+#include "cpu/numerics.h"
+
+namespace jax_ll_ep::cpu {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Memory ordering. Regions are plain host memory shared by threads (one process) or by processes (one shared
+// mapping); GCC's atomic builtins give C++11 release/acquire semantics on any 8-byte-aligned word of it.
+// ---------------------------------------------------------------------------------------------------------------
+
+// Release store of a signal: every write this thread made before it (the messages it announces) is visible to any
+// thread that acquire-loads the stored value.
+inline void store_release(uint64_t* slot, uint64_t value) { __atomic_store_n(slot, value, __ATOMIC_RELEASE); }
+
+// Acquire load of a signal: once it returns a peer's signal, the messages that signal announces are visible here.
+inline uint64_t load_acquire(const uint64_t* slot) { return __atomic_load_n(slot, __ATOMIC_ACQUIRE); }
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Pause between polls. The first polls spin (a running peer is microseconds away); then, for the first 2 ms of
+// waiting, the waiter yields its core at every poll; after that it sleeps between polls. CI runs 8 device threads
+// on 2 cores: a spinning waiter would starve the very ranks it is waiting for, while a sleeping one adds the
+// timer's latency (tens of microseconds) to every call.
+class Backoff {
+ public:
+  explicit Backoff(Clock::time_point start) : start_(start) {}
+
+  void wait(Clock::time_point now) {
+    ++polls_;
+    if (polls_ <= 64) {
+      cpu_relax();
+    } else if (now - start_ < std::chrono::milliseconds(2)) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+
+ private:
+  Clock::time_point start_;
+  int64_t polls_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Names and small helpers
+// ---------------------------------------------------------------------------------------------------------------
+const char* kind_name(OpKind kind) {
+  switch (kind) {
+    case OpKind::kDispatch:
+      return "dispatch";
+    case OpKind::kCombine:
+      return "combine";
+    default:
+      return "none";
+  }
+}
+
+std::string op_name(OpKind kind, int32_t phases) {
+  std::string name = kind_name(kind);
+  if (phases == kSendPhase) return name + "_send";
+  if (phases == kRecvPhase) return name + "_recv";
+  return name;
+}
+
+template <typename... Args>
+std::string format(const char* fmt, Args... args) {
+  const int n = std::snprintf(nullptr, 0, fmt, args...);
+  std::string out(static_cast<size_t>(n > 0 ? n : 0), '\0');
+  std::snprintf(out.data(), out.size() + 1, fmt, args...);
+  return out;
+}
+
+using ull = unsigned long long;
+
+int32_t ticket_of(uint64_t seq) { return static_cast<int32_t>(seq & 0x7fffffffu); }
+
+uint64_t* signal_slot(const Layout& layout, uint8_t* region, OpKind kind, int parity, int local_expert, int rank) {
+  return kind == OpKind::kDispatch ? layout.dispatch_signal(region, parity, local_expert, rank)
+                                   : layout.combine_signal(region, parity, local_expert, rank);
+}
+
+// Bytes of a dispatch message that carry data: header + bf16 payload, or header + e4m3 payload + float32 scales.
+int64_t wire_bytes(const Layout& layout, Fp8Mode mode) {
+  const int64_t h = layout.hidden;
+  const int64_t payload = mode == Fp8Mode::kNone ? 2 * h : h + (h + kScaleBlock - 1) / kScaleBlock * 4;
+  return static_cast<int64_t>(sizeof(MessageHeader)) + payload;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Errors: the first problem of a call, recorded in the rank's RankState (first error since the last check).
+// ---------------------------------------------------------------------------------------------------------------
+struct Fault {
+  ErrorCode code = ErrorCode::kOk;
+  int64_t detail = 0;     // routing: the bad expert id; handle: the row; timeout/mismatch: number of pairs
+  int32_t token = -1;     // routing/handle: the token; mismatch: the peer rank
+  int32_t topk_pos = -1;  // routing/handle: the position k; mismatch: the local expert
+  uint64_t signal = 0;    // mismatch: the signal that was found
+  std::string message;
+
+  bool any() const { return code != ErrorCode::kOk; }
+  // Keeps the first fault of a call.
+  void note(ErrorCode c, int64_t d, int32_t t, int32_t k, std::string msg) {
+    if (any()) return;
+    code = c;
+    detail = d;
+    token = t;
+    topk_pos = k;
+    message = std::move(msg);
+  }
+};
+
+class Call {
+ public:
+  Call(const GroupArgs& g, const CallEnv& env, OpKind kind)
+      : g_(g),
+        env_(env),
+        kind_(kind),
+        layout_(g.layout),
+        mine_(g.regions[g.rank]),
+        state_(g.layout.state(g.regions[g.rank])),
+        op_(op_name(kind, g.phases)) {}
+
+  const Layout& layout() const { return layout_; }
+  uint8_t* mine() const { return mine_; }
+  RankState* state() const { return state_; }
+  const std::string& op() const { return op_; }
+
+  // "dispatch_recv (call seq=7) on rank 2 of group 0"
+  std::string where(uint64_t seq) const {
+    return format("%s (call seq=%llu) on rank %d of group %d", op_.c_str(), static_cast<ull>(seq), g_.rank, env_.group);
+  }
+
+  void pause(HookPoint point, uint64_t seq) const {
+    if (env_.hooks != nullptr) env_.hooks->pause(env_.group, g_.rank, point, seq);
+  }
+  void stamp(Stamp which) const {
+    if (env_.hooks != nullptr) env_.hooks->stamp(env_.group, g_.rank, kind_ == OpKind::kDispatch ? 0 : 1, which);
+  }
+
+  // Records `fault` as the rank's error (if it is the first since the last check) and returns it as a Status.
+  // `missing_pairs` (pair indices) fills the missing table of a timeout.
+  Status fail(uint64_t seq, const Fault& fault, const std::vector<int32_t>* missing_pairs = nullptr) const {
+    {
+      std::lock_guard<std::mutex> guard(*env_.record_lock);
+      if (state_->error_code == static_cast<uint32_t>(ErrorCode::kOk)) {
+        state_->error_code = static_cast<uint32_t>(fault.code);
+        state_->error_kind = static_cast<uint32_t>(kind_);
+        state_->error_seq = seq;
+        state_->error_detail = fault.detail;
+        state_->error_token = fault.token;
+        state_->error_topk_pos = fault.topk_pos;
+        state_->error_signal = fault.signal;
+        uint8_t* missing = layout_.missing(mine_);
+        memset(missing, 0, static_cast<size_t>(layout_.num_pairs()));
+        if (missing_pairs != nullptr) {
+          for (int32_t pair : *missing_pairs) missing[pair] = 1;
+        }
+      }
+      state_->error_count += 1;
+    }
+    return Status{fault.code, fault.message};
+  }
+
+  // A split form used out of order. Nothing has been written to any peer.
+  Status misuse(uint64_t seq, const std::string& why) const {
+    Fault fault;
+    fault.note(ErrorCode::kSplitMisuse, 0, -1, -1, where(seq) + ": " + why);
+    return fail(seq, fault);
+  }
+
+  // ---- call lifecycle on RankState (owned by this rank; only this rank's calls touch it) ----
+
+  // Send half: the call's sequence number, or 0 if a call is still open (then the send must not run).
+  uint64_t begin_send() const { return state_->open_seq != 0 ? 0 : state_->seq + 1; }
+
+  // After the send half: the call is open until its receive half closes it. A fault found while sending (routing,
+  // handle) is kept for the receive half to report once the protocol has completed.
+  void open_call(uint64_t seq, const Fault& fault) const {
+    state_->open_seq = seq;
+    state_->open_kind = static_cast<uint32_t>(kind_);
+    state_->open_error = static_cast<uint32_t>(fault.code);
+    state_->open_error_detail = fault.detail;
+    state_->open_error_token = fault.token;
+    state_->open_error_topk_pos = fault.topk_pos;
+    if (g_.ticket_out != nullptr) *g_.ticket_out = ticket_of(seq);
+  }
+
+  // Receive half: the open call's sequence number, or a misuse status if there is none of this kind or the ticket
+  // belongs to another call.
+  Status begin_recv(uint64_t* seq) const {
+    const uint64_t open = state_->open_seq;
+    if (open == 0) {
+      return misuse(state_->seq + 1, "no " + std::string(kind_name(kind_)) + "_send is open; call " + kind_name(kind_) +
+                                         "_send first (one receive per send)");
+    }
+    if (state_->open_kind != static_cast<uint32_t>(kind_)) {
+      return misuse(open, format("the open call (seq=%llu) is a %s, not a %s; finish it with %s_recv first",
+                                 static_cast<ull>(open), kind_name(static_cast<OpKind>(state_->open_kind)),
+                                 kind_name(kind_), kind_name(static_cast<OpKind>(state_->open_kind))));
+    }
+    if (g_.ticket_in != nullptr && *g_.ticket_in != ticket_of(open)) {
+      return misuse(open, format("the ticket is from call seq=%d but the open call is seq=%llu; pass the value "
+                                 "returned by the matching send",
+                                 *g_.ticket_in, static_cast<ull>(open)));
+    }
+    *seq = open;
+    return {};
+  }
+
+  // The send half's fault, as recorded by open_call (already in the error record).
+  Fault open_fault(uint64_t seq) const {
+    Fault fault;
+    if (state_->open_error == 0) return fault;
+    const auto code = static_cast<ErrorCode>(state_->open_error);
+    const int32_t t = state_->open_error_token;
+    const int32_t k = state_->open_error_topk_pos;
+    const int64_t d = state_->open_error_detail;
+    const int32_t num_experts = layout_.num_ranks * layout_.num_local_experts;
+    std::string msg;
+    if (code == ErrorCode::kInvalidExpert) {
+      msg = format("topk_idx[%d, %d] = %lld is outside [-1, %d); the entry was treated as -1", t, k,
+                   static_cast<long long>(d), num_experts);
+    } else if (code == ErrorCode::kDuplicateExpert) {
+      msg = format("topk_idx[%d, %d] = %lld repeats an earlier expert of token %d; the repeat was treated as -1", t, k,
+                   static_cast<long long>(d), t);
+    } else if (d < 0) {
+      const int64_t pair = -1 - d;
+      msg = format(
+          "handle.layout_range[%lld, %lld] = (%d, %d) is outside the receive layout; its rows were not "
+          "sent (pass the handle returned by dispatch unchanged)",
+          static_cast<long long>(pair / layout_.num_ranks), static_cast<long long>(pair % layout_.num_ranks), t, k);
+    } else {
+      msg = format(
+          "handle row %lld has src_info=%d, src_topk_pos=%d, outside [0, T) x [0, %d); the row was not "
+          "sent (pass the handle returned by dispatch unchanged)",
+          static_cast<long long>(d), t, k, kMaxTopk);
+    }
+    fault.note(code, d, t, k, where(seq) + ": " + msg + " (the call completed on every rank)");
+    return fault;
+  }
+
+  // The receive half is done with the receive region of this parity: the call is complete on this rank.
+  void close_call(uint64_t seq) const {
+    state_->seq = seq;
+    state_->open_seq = 0;
+    state_->open_kind = 0;
+    state_->open_error = 0;
+  }
+
+  // ---- waiting ----
+
+  // Waits until the signal of call `seq` has arrived in every (local expert, source rank) pair of this rank's
+  // region (E_l x R of them), bounded by timeout_s. counts[pair] receives each pair's announced count.
+  Status wait_for_signals(uint64_t seq, std::vector<uint32_t>* counts) const {
+    const int parity = parity_of(seq);
+    const int32_t num_ranks = layout_.num_ranks;
+    const OpKind other = kind_ == OpKind::kDispatch ? OpKind::kCombine : OpKind::kDispatch;
+    std::vector<int32_t> pending(static_cast<size_t>(layout_.num_pairs()));
+    std::iota(pending.begin(), pending.end(), 0);
+    counts->assign(pending.size(), 0);
+    const auto start = Clock::now();
+    const auto deadline =
+        start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(g_.timeout_s));
+    Backoff backoff(start);
+    while (true) {
+      size_t still = 0;
+      for (const int32_t pair : pending) {
+        const int local_expert = pair / num_ranks;
+        const int rank = pair % num_ranks;
+        // Acquire: pairs with the sender's release store; once the signal is seen, so are its messages.
+        uint64_t signal = load_acquire(signal_slot(layout_, mine_, kind_, parity, local_expert, rank));
+        SignalState seen = classify_signal(signal, seq, kind_);
+        if (seen == SignalState::kPending) {
+          // A peer that made a call of the other kind as its call `seq` signalled the other array: the ranks'
+          // call sequences differ. (Relaxed would do; acquire keeps every signal load alike.)
+          const uint64_t crossed = load_acquire(signal_slot(layout_, mine_, other, parity, local_expert, rank));
+          if (classify_signal(crossed, seq, kind_) == SignalState::kMismatch) {
+            signal = crossed;
+            seen = SignalState::kMismatch;
+          }
+        }
+        if (seen == SignalState::kArrived) {
+          (*counts)[pair] = signal_count(signal);
+          continue;
+        }
+        if (seen == SignalState::kMismatch) return mismatch(seq, rank, local_expert, signal);
+        pending[still++] = pair;
+      }
+      pending.resize(still);
+      if (pending.empty()) return {};
+      const auto now = Clock::now();
+      if (now >= deadline) return timeout(seq, pending);
+      backoff.wait(now);
+    }
+  }
+
+ private:
+  Status mismatch(uint64_t seq, int rank, int local_expert, uint64_t signal) const {
+    Fault fault;
+    fault.note(ErrorCode::kSequenceMismatch, 1, rank, local_expert,
+               where(seq) + format(": rank %d signalled local expert %d for its call seq=%u (%s); the ranks issued "
+                                   "different sequences of calls on this buffer (every rank must make the same "
+                                   "calls in the same order)",
+                                   rank, local_expert, signal_seq(signal), kind_name(signal_kind(signal))));
+    fault.signal = signal;
+    return fail(seq, fault);
+  }
+
+  Status timeout(uint64_t seq, const std::vector<int32_t>& pending) const {
+    const int32_t num_ranks = layout_.num_ranks;
+    std::string pairs;
+    const size_t shown = pending.size() < 16 ? pending.size() : 16;
+    for (size_t i = 0; i < shown; ++i) {
+      pairs += format("%s(rank %d, local expert %d)", i ? ", " : "", pending[i] % num_ranks, pending[i] / num_ranks);
+    }
+    if (shown < pending.size()) pairs += format(" and %zu more", pending.size() - shown);
+    Fault fault;
+    fault.note(
+        ErrorCode::kTimeout, static_cast<int64_t>(pending.size()), -1, -1,
+        where(seq) + format(": timed out after %g s waiting for %zu of %lld signals; never came: %s. A peer "
+                            "did not make this call or is more than timeout_s late; this buffer is no "
+                            "longer usable, create a new one",
+                            g_.timeout_s, pending.size(), static_cast<long long>(layout_.num_pairs()), pairs.c_str()));
+    return fail(seq, fault, &pending);
+  }
+
+  const GroupArgs& g_;
+  const CallEnv& env_;
+  OpKind kind_;
+  const Layout& layout_;
+  uint8_t* mine_;
+  RankState* state_;
+  std::string op_;
+};
+
+// The expert chosen by entry (token, k), or -1 for "no expert": -1 itself, an id outside [-1, E) (an error), or an
+// expert already chosen earlier in the row (an error; the first occurrence is kept). Never an out-of-range id.
+int32_t routed_expert(const int32_t* row, int32_t k, int32_t num_experts, int32_t token, Fault* fault) {
+  const int32_t expert = row[k];
+  if (expert == -1) return -1;
+  if (expert < -1 || expert >= num_experts) {
+    fault->note(ErrorCode::kInvalidExpert, expert, token, k, "");
+    return -1;
+  }
+  for (int32_t j = 0; j < k; ++j) {
+    if (row[j] == expert) {
+      fault->note(ErrorCode::kDuplicateExpert, expert, token, k, "");
+      return -1;
+    }
+  }
+  return expert;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dispatch
+// ---------------------------------------------------------------------------------------------------------------
+
+// Writes token t's message (header + payload, cast once) into this rank's staging slot.
+void stage_message(const Layout& layout, const DispatchArgs& a, int32_t token, uint64_t seq, uint8_t* message) {
+  MessageHeader* header = Layout::header(message);
+  header->src_token = token;
+  header->topk_pos = -1;  // set per destination
+  header->seq = static_cast<uint32_t>(seq);
+  header->reserved = 0;
+  const uint16_t* x = a.x + static_cast<int64_t>(token) * layout.hidden;
+  if (a.fp8_mode == Fp8Mode::kNone) {
+    memcpy(Layout::payload(message), x, static_cast<size_t>(layout.hidden) * 2);
+  } else {
+    quantize_fp8_token(x, layout.hidden, a.fp8_mode, Layout::payload(message), layout.fp8_scales(message));
+  }
+}
+
+Status dispatch_send(const Call& call, const GroupArgs& g, const DispatchArgs& a) {
+  const Layout& layout = call.layout();
+  const uint64_t seq = call.begin_send();
+  if (seq == 0) {
+    const RankState* st = call.state();
+    return call.misuse(st->open_seq,
+                       format("a send while call seq=%llu (%s) is still open; call its receive half "
+                              "before the next send on this buffer",
+                              static_cast<ull>(st->open_seq), kind_name(static_cast<OpKind>(st->open_kind))));
+  }
+  const int parity = parity_of(seq);
+  const int32_t e_local = layout.num_local_experts;
+  const int32_t num_experts = layout.num_ranks * e_local;
+  const int64_t bytes = wire_bytes(layout, a.fp8_mode);
+  call.stamp(Stamp::kEnter);
+  call.pause(HookPoint::kBeforeSend, seq);
+
+  // Data: message (t, k) goes to slot sent[e] of pair (local expert e % E_l, my rank) on rank e / E_l, where sent[e]
+  // counts my earlier tokens that chose e (token order, hence the deterministic receive order).
+  std::vector<int32_t> sent(static_cast<size_t>(num_experts), 0);
+  Fault fault;
+  for (int32_t t = 0; t < a.num_tokens; ++t) {
+    uint8_t* staged = layout.send_message(call.mine(), t);
+    stage_message(layout, a, t, seq, staged);
+    const int32_t* row = a.topk_idx + static_cast<int64_t>(t) * a.num_topk;
+    for (int32_t k = 0; k < a.num_topk; ++k) {
+      const int32_t expert = routed_expert(row, k, num_experts, t, &fault);
+      if (expert < 0) continue;
+      const int32_t slot = sent[expert]++;  // < num_tokens <= T
+      uint8_t* message = layout.dispatch_message(g.regions[expert / e_local], parity, expert % e_local, g.rank, slot);
+      memcpy(message, staged, static_cast<size_t>(bytes));
+      Layout::header(message)->topk_pos = k;
+    }
+  }
+  call.pause(HookPoint::kBeforeSignal, seq);
+
+  // Signals: every (destination rank, local expert) pair, zero-token pairs included (completeness).
+  for (int32_t dst = 0; dst < layout.num_ranks; ++dst) {
+    for (int32_t e = 0; e < e_local; ++e) {
+      // Release: the messages written above for this pair happen-before the owner's acquire of this signal.
+      store_release(layout.dispatch_signal(g.regions[dst], parity, e, g.rank),
+                    encode_signal(seq, OpKind::kDispatch, static_cast<uint32_t>(sent[dst * e_local + e])));
+    }
+  }
+  call.stamp(Stamp::kSignalled);
+  if (fault.any()) call.fail(seq, fault);  // recorded now; the receive half reports it once the call completed
+  call.open_call(seq, fault);
+  return {};
+}
+
+void write_dispatch_outputs(const Call& call, const DispatchArgs& a, int parity, const std::vector<uint32_t>& counts) {
+  const Layout& layout = call.layout();
+  const int32_t num_ranks = layout.num_ranks;
+  const int64_t h = layout.hidden;
+  const int64_t rows = static_cast<int64_t>(num_ranks) * layout.max_tokens;
+  const int64_t num_scales = (h + kScaleBlock - 1) / kScaleBlock;
+  for (int32_t e = 0; e < layout.num_local_experts; ++e) {
+    int32_t offset = 0;
+    // Rows by source rank, then by slot = the source's token order: the deterministic layout.
+    for (int32_t r = 0; r < num_ranks; ++r) {
+      // A sender never announces more than T tokens; the clamp keeps a corrupted count from addressing past T.
+      const uint32_t announced = counts[layout.pair_index(e, r)];
+      const int32_t count =
+          announced > static_cast<uint32_t>(layout.max_tokens) ? layout.max_tokens : static_cast<int32_t>(announced);
+      a.layout_range[(static_cast<int64_t>(e) * num_ranks + r) * 2 + 0] = offset;
+      a.layout_range[(static_cast<int64_t>(e) * num_ranks + r) * 2 + 1] = count;
+      for (int32_t slot = 0; slot < count; ++slot) {
+        uint8_t* message = layout.dispatch_message(call.mine(), parity, e, r, slot);
+        const int64_t row = e * rows + offset + slot;
+        const MessageHeader* header = Layout::header(message);
+        a.src_info[row] = header->src_token;
+        a.src_topk_pos[row] = header->topk_pos;
+        if (a.fp8_mode == Fp8Mode::kNone) {
+          memcpy(static_cast<uint16_t*>(a.recv_x) + row * h, Layout::payload(message), static_cast<size_t>(h) * 2);
+          continue;
+        }
+        memcpy(static_cast<uint8_t*>(a.recv_x) + row * h, Layout::payload(message), static_cast<size_t>(h));
+        const float* scales = layout.fp8_scales(message);
+        if (a.fp8_mode == Fp8Mode::kUe8m0Scale) {
+          uint8_t* out = static_cast<uint8_t*>(a.recv_scale) + row * num_scales;
+          for (int64_t b = 0; b < num_scales; ++b) out[b] = ue8m0_of(scales[b]);
+        } else {
+          memcpy(static_cast<float*>(a.recv_scale) + row * num_scales, scales, static_cast<size_t>(num_scales) * 4);
+        }
+      }
+      offset += count;
+    }
+    a.recv_count[e] = offset;
+  }
+}
+
+Status dispatch_recv(const Call& call, const DispatchArgs& a) {
+  uint64_t seq = 0;
+  if (Status open = call.begin_recv(&seq); !open.ok()) return open;
+  call.pause(HookPoint::kBeforeRecv, seq);
+  std::vector<uint32_t> counts;
+  Status waited = call.wait_for_signals(seq, &counts);
+  if (!waited.ok()) {
+    call.close_call(seq);  // the buffer is unusable now (see the message); keep the state consistent anyway
+    return waited;
+  }
+  write_dispatch_outputs(call, a, parity_of(seq), counts);
+  call.stamp(Stamp::kReturned);
+  const Fault fault = call.open_fault(seq);
+  call.close_call(seq);
+  return Status{fault.code, fault.message};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Combine
+// ---------------------------------------------------------------------------------------------------------------
+Status combine_send(const Call& call, const GroupArgs& g, const CombineArgs& a) {
+  const Layout& layout = call.layout();
+  const uint64_t seq = call.begin_send();
+  if (seq == 0) {
+    const RankState* st = call.state();
+    return call.misuse(st->open_seq,
+                       format("a send while call seq=%llu (%s) is still open; call its receive half "
+                              "before the next send on this buffer",
+                              static_cast<ull>(st->open_seq), kind_name(static_cast<OpKind>(st->open_kind))));
+  }
+  const int parity = parity_of(seq);
+  const int32_t num_ranks = layout.num_ranks;
+  const int32_t max_tokens = layout.max_tokens;
+  const int64_t rows = static_cast<int64_t>(num_ranks) * max_tokens;
+  const int64_t row_bytes = layout.combine_row_bytes;
+  call.stamp(Stamp::kEnter);
+  call.pause(HookPoint::kBeforeSend, seq);
+
+  // Data: row i of local expert e came from source rank r (layout_range) as its token src_info[i], choice
+  // src_topk_pos[i]; it goes back to that rank's combine slot (token, k). Entries outside the layout are skipped.
+  std::vector<int32_t> sent(static_cast<size_t>(layout.num_pairs()), 0);
+  Fault fault;
+  for (int32_t e = 0; e < layout.num_local_experts; ++e) {
+    for (int32_t r = 0; r < num_ranks; ++r) {
+      const int32_t* range = a.layout_range + (static_cast<int64_t>(e) * num_ranks + r) * 2;
+      const int32_t offset = range[0];
+      const int32_t count = range[1];
+      if (offset < 0 || count < 0 || count > max_tokens || offset > rows - count) {
+        fault.note(ErrorCode::kInvalidHandle, -1 - layout.pair_index(e, r), offset, count, "");
+        continue;
+      }
+      for (int64_t i = offset; i < offset + count; ++i) {
+        const int64_t row = e * rows + i;
+        const int32_t token = a.src_info[row];
+        const int32_t k = a.src_topk_pos[row];
+        if (token < 0 || token >= max_tokens || k < 0 || k >= kMaxTopk) {
+          fault.note(ErrorCode::kInvalidHandle, row, token, k, "");
+          continue;
+        }
+        memcpy(layout.combine_row(g.regions[r], parity, token, k), a.y + row * layout.hidden,
+               static_cast<size_t>(row_bytes));
+        ++sent[layout.pair_index(e, r)];
+      }
+    }
+  }
+  call.pause(HookPoint::kBeforeSignal, seq);
+
+  // Signals: every (source rank, local expert) pair, zero-row pairs included (completeness).
+  for (int32_t r = 0; r < num_ranks; ++r) {
+    for (int32_t e = 0; e < layout.num_local_experts; ++e) {
+      // Release: the rows written above for this pair happen-before the source rank's acquire of this signal.
+      store_release(layout.combine_signal(g.regions[r], parity, e, g.rank),
+                    encode_signal(seq, OpKind::kCombine, static_cast<uint32_t>(sent[layout.pair_index(e, r)])));
+    }
+  }
+  call.stamp(Stamp::kSignalled);
+  if (fault.any()) call.fail(seq, fault);  // recorded now; the receive half reports it
+  call.open_call(seq, fault);
+  return {};
+}
+
+Status combine_recv(const Call& call, const CombineArgs& a) {
+  const Layout& layout = call.layout();
+  uint64_t seq = 0;
+  if (Status open = call.begin_recv(&seq); !open.ok()) return open;
+  const int parity = parity_of(seq);
+  call.pause(HookPoint::kBeforeRecv, seq);
+  std::vector<uint32_t> counts;
+  Status waited = call.wait_for_signals(seq, &counts);
+  if (!waited.ok()) {
+    call.close_call(seq);
+    return waited;
+  }
+
+  // The valid choices of each token (routing errors treated as -1, exactly as dispatch did), and how many rows
+  // each (local expert, owner rank) pair must therefore have sent back.
+  const int32_t e_local = layout.num_local_experts;
+  const int32_t num_experts = layout.num_ranks * e_local;
+  std::vector<int32_t> experts(static_cast<size_t>(a.num_tokens) * a.num_topk);
+  std::vector<uint32_t> expected(counts.size(), 0);
+  Fault routing;
+  for (int32_t t = 0; t < a.num_tokens; ++t) {
+    const int32_t* row = a.topk_idx + static_cast<int64_t>(t) * a.num_topk;
+    for (int32_t k = 0; k < a.num_topk; ++k) {
+      const int32_t expert = routed_expert(row, k, num_experts, t, &routing);
+      experts[static_cast<size_t>(t) * a.num_topk + k] = expert;
+      if (expert >= 0) ++expected[layout.pair_index(expert % e_local, expert / e_local)];
+    }
+  }
+
+  // Reduce in float32, in k order, one rounding per multiply and per add (built with -ffp-contract=off).
+  const int64_t h = layout.hidden;
+  std::vector<float> acc(static_cast<size_t>(h));
+  for (int32_t t = 0; t < a.num_tokens; ++t) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int32_t k = 0; k < a.num_topk; ++k) {
+      if (experts[static_cast<size_t>(t) * a.num_topk + k] < 0) continue;
+      const float w = a.topk_weights[static_cast<int64_t>(t) * a.num_topk + k];
+      const uint16_t* y = reinterpret_cast<const uint16_t*>(layout.combine_row(call.mine(), parity, t, k));
+      for (int64_t i = 0; i < h; ++i) acc[i] = acc[i] + w * bf16_to_float(y[i]);
+    }
+    uint16_t* out = a.out + t * h;
+    for (int64_t i = 0; i < h; ++i) out[i] = float_to_bf16(acc[i]);
+  }
+  call.stamp(Stamp::kReturned);
+
+  // Report, in order of cause: the send half's fault, a routing error, then rows that did not match topk_idx.
+  Fault fault = call.open_fault(seq);
+  if (routing.any()) {
+    routing.message =
+        call.where(seq) +
+        (routing.code == ErrorCode::kInvalidExpert
+             ? format(": topk_idx[%d, %d] = %lld is outside [-1, %d); the entry was treated as -1", routing.token,
+                      routing.topk_pos, static_cast<long long>(routing.detail), num_experts)
+             : format(": topk_idx[%d, %d] = %lld repeats an earlier expert of token %d; the repeat "
+                      "was treated as -1",
+                      routing.token, routing.topk_pos, static_cast<long long>(routing.detail), routing.token));
+    call.fail(seq, routing);
+    if (!fault.any()) fault = routing;
+  }
+  if (!fault.any()) {
+    for (int32_t pair = 0; pair < static_cast<int32_t>(counts.size()); ++pair) {
+      if (counts[pair] == expected[pair]) continue;
+      const int32_t r = pair % layout.num_ranks;
+      const int32_t e = pair / layout.num_ranks;
+      fault.note(ErrorCode::kInvalidHandle, pair, r, e,
+                 call.where(seq) + format(": rank %d returned %u rows of its local expert %d but this rank's "
+                                          "topk_idx chose that expert for %u tokens; the handle and topk_idx "
+                                          "passed to combine must come from the same dispatch",
+                                          r, counts[pair], e, expected[pair]));
+      call.fail(seq, fault);
+      break;
+    }
+  }
+  call.close_call(seq);
+  return Status{fault.code, fault.message};
+}
+
+template <typename Args, typename Send, typename Recv>
+Status run(const GroupArgs& g, const Args& a, const CallEnv& env, OpKind kind, Send send, Recv recv) {
+  // Test hook: this rank behaves as one that never made the call (no state change, nothing sent).
+  if (env.hooks != nullptr && env.hooks->skips(g.rank)) return {};
+  const Call call(g, env, kind);
+  if (g.phases & kSendPhase) {
+    if (Status sent = send(call, g, a); !sent.ok()) return sent;
+  }
+  if (g.phases & kRecvPhase) return recv(call, a);
+  return {};
+}
+
+}  // namespace
+
+Status run_dispatch(const GroupArgs& group, const DispatchArgs& args, const CallEnv& env) {
+  return run(group, args, env, OpKind::kDispatch, dispatch_send, dispatch_recv);
+}
+
+Status run_combine(const GroupArgs& group, const CombineArgs& args, const CallEnv& env) {
+  return run(group, args, env, OpKind::kCombine, combine_send, combine_recv);
+}
+
+}  // namespace jax_ll_ep::cpu

@@ -1,0 +1,129 @@
+// The CPU backend's buffers, by integer handle (the `buffer_id` attribute of every custom call).
+//
+// One buffer holds num_groups x R regions of make_layout(R, E, T, H).region_bytes each, in one allocation: private
+// anonymous memory when all ranks are devices of this process, or a POSIX shared-memory segment mapped by every
+// process of the mesh. Region (group g, rank r) starts at (g * R + r) * region_bytes, so every process computes the
+// same peer addresses from its own mapping. Handlers of different devices run concurrently on XLA's threads: the
+// registry's map is guarded by a mutex, and a handler holds a shared_ptr to its entry for the length of the call,
+// so destroy() never frees memory under a running call. Knows nothing of XLA or Python.
+#pragma once
+
+#include <stdint.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "cpu/test_hooks.h"
+#include "jax_ll_ep/layout.h"
+
+namespace jax_ll_ep::cpu {
+
+// A zeroed mapping, released with munmap.
+class Mapping {
+ public:
+  Mapping() = default;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping();
+
+  // Private anonymous memory (one process).
+  static std::unique_ptr<Mapping> anonymous(int64_t bytes, std::string* error);
+  // An existing shared-memory segment created by shm_create (several processes).
+  static std::unique_ptr<Mapping> shared(const std::string& name, int64_t bytes, std::string* error);
+
+  uint8_t* data() const { return data_; }
+
+ private:
+  uint8_t* data_ = nullptr;
+  int64_t bytes_ = 0;
+};
+
+// Creates (exclusively) and sizes a POSIX shared-memory segment; reserves its pages so that a too-small /dev/shm
+// fails here with a message instead of a SIGBUS later. Returns "" or an error message.
+std::string shm_create(const std::string& name, int64_t bytes);
+// Removes the name (mappings stay valid until unmapped). Returns "" or an error message.
+std::string shm_unlink(const std::string& name);
+
+struct DeviceRank {
+  int32_t group;
+  int32_t rank;
+};
+
+struct BufferEntry {
+  int64_t handle = 0;
+  Layout layout = {};
+  int32_t num_experts = 0;
+  int32_t num_groups = 0;
+  double timeout_s = 0.0;
+  std::unique_ptr<Mapping> memory;
+  std::unordered_map<int32_t, DeviceRank> devices;  // this process's devices: global device id -> (group, rank)
+  std::vector<std::vector<uint8_t*>> regions;       // [group][rank], this process's addresses
+  std::mutex record_lock;                           // the error records of this process's ranks
+
+  uint8_t* region(int32_t group, int32_t rank) const { return regions[group][rank]; }
+};
+
+// The first error a rank recorded since the last check (RankState's record, plus the missing table).
+struct ErrorRecord {
+  int32_t group = 0;
+  int32_t rank = 0;
+  uint32_t code = 0;
+  uint32_t kind = 0;
+  uint64_t seq = 0;
+  int64_t detail = 0;
+  uint32_t count = 0;
+  int32_t token = -1;
+  int32_t topk_pos = -1;
+  uint64_t signal = 0;
+  std::vector<std::pair<int32_t, int32_t>> missing;  // (rank, local expert) pairs of a timeout
+};
+
+struct CreateArgs {
+  int64_t handle;
+  int32_t num_ranks;
+  int32_t num_experts;
+  int32_t max_tokens;
+  int32_t hidden;
+  double timeout_s;
+  int32_t num_groups;
+  std::vector<std::pair<int32_t, DeviceRank>> devices;  // this process's devices
+  std::string shm_name;                                 // "" for private memory
+};
+
+class Registry {
+ public:
+  static Registry& instance();
+
+  // Returns "" or an error message.
+  std::string create(const CreateArgs& args);
+  // False if the handle is unknown. Memory is released once no call holds the entry.
+  bool destroy(int64_t handle);
+
+  // The entry and the hooks installed at this moment (null when none), for one call.
+  struct Resolved {
+    std::shared_ptr<BufferEntry> entry;
+    std::shared_ptr<const TestHooks> hooks;
+  };
+  Resolved resolve(int64_t handle);
+
+  // Test hooks; null removes them. False if the handle is unknown.
+  bool set_hooks(int64_t handle, std::shared_ptr<const TestHooks> hooks);
+
+  // (group, rank, seq, open_seq) of this process's ranks, ordered by (group, rank): diagnostics and tests.
+  std::vector<std::tuple<int32_t, int32_t, uint64_t, uint64_t>> sequence_numbers(int64_t handle);
+
+  // The error records of this process's ranks that hold an error, ordered by (group, rank); optionally cleared.
+  std::vector<ErrorRecord> errors(int64_t handle, bool clear);
+
+ private:
+  std::mutex lock_;
+  std::unordered_map<int64_t, std::shared_ptr<BufferEntry>> buffers_;
+  std::unordered_map<int64_t, std::shared_ptr<const TestHooks>> hooks_;
+};
+
+}  // namespace jax_ll_ep::cpu
