@@ -18,7 +18,7 @@ import jax
 from jax.sharding import Mesh
 
 from .config import BufferConfig
-from .errors import BufferClosedError
+from .errors import BufferClosedError, RoutingError
 
 log = logging.getLogger("jax_ll_ep")
 
@@ -39,15 +39,35 @@ class BackendImpl(Protocol):
 
 
 class _XlaImpl:
-    """The pure-JAX backend holds no memory outside XLA."""
+    """The pure-JAX backend holds no memory outside XLA. Its dispatch reports routing errors (bad ids are treated
+    as -1) through a host callback; ``check()`` raises the first one."""
 
     name = "xla"
+
+    def __init__(self):
+        self._errors_lock = threading.Lock()
+        self._routing_errors: list[tuple[int, int]] = []
 
     def region_bytes(self) -> int:
         return 0
 
+    def record_routing_error(self, code: int, expert_id: int) -> None:
+        with self._errors_lock:
+            self._routing_errors.append((code, expert_id))
+
     def check(self) -> None:
-        pass
+        from .reference import INVALID_EXPERT
+
+        jax.effects_barrier()  # the host callbacks of calls already dispatched have run
+        with self._errors_lock:
+            errors, self._routing_errors = self._routing_errors, []
+        if errors:
+            code, expert_id = errors[0]
+            what = "outside [-1, num_experts)" if code == INVALID_EXPERT else "repeated within a token's row"
+            more = f" (+{len(errors) - 1} more calls with errors)" if len(errors) > 1 else ""
+            raise RoutingError(
+                f"jax_ll_ep xla backend: topk_idx held expert id {expert_id}, {what}; the entry was treated as -1{more}"
+            )
 
     def close(self) -> None:
         pass

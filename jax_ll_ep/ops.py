@@ -150,7 +150,7 @@ def dispatch(buf: Buffer, x, topk_idx, *, fp8: Fp8Options | None = None):
     if buf.backend == "xla":
         from . import reference
 
-        return reference.dispatch(buf.config, x, topk_idx, fp8=fp8)
+        return reference.dispatch(buf.config, x, topk_idx, fp8=fp8, on_routing_error=buf._impl.record_routing_error)
     return _native_ops.dispatch(buf, x, topk_idx, fp8)
 
 

@@ -243,3 +243,26 @@ def test_used_after_close(mesh8):
 def test_split_forms_need_a_native_backend(buf):
     with pytest.raises(NotImplementedError, match=r"dispatch_send: the split send/recv forms need the 'cpu' or 'cuda'"):
         _trace(buf, lambda a, b: ep.dispatch_send(buf, a, b).ticket, ((T, H), BF16), ((T, K), np.int32))
+
+
+def test_xla_backend_reports_routing_errors_at_check(make_mesh):
+    mesh = make_mesh((4,), ("ep",))
+    r, e, t, h = 4, 8, 3, 16
+    idx = np.tile(np.array([[0, 1]], np.int32), (r * t, 1))
+    idx[5] = [7, 42]  # 42 is outside [-1, 8)
+    x = np.random.default_rng(0).standard_normal((r * t, h)).astype(np.float32)
+    sharding = NamedSharding(mesh, P("ep"))
+    with ep.Buffer(mesh, "ep", num_experts=e, max_tokens_per_rank=t, hidden=h, backend="xla") as buf:
+        f = jax.jit(
+            jax.shard_map(
+                lambda x, i: ep.dispatch(buf, x, i)[1], mesh=mesh, in_specs=(P("ep"), P("ep")), out_specs=P("ep")
+            )
+        )
+        counts = np.asarray(f(jax.device_put(jnp.asarray(x), sharding), jax.device_put(jnp.asarray(idx), sharding)))
+        # Rank 0 owns experts 0 and 1, chosen by every token but token 5; token 5's bad id 42 was dropped and
+        # its expert 7 (rank 3's) still arrived.
+        assert counts.reshape(r, e // r)[0].tolist() == [r * t - 1, r * t - 1]
+        assert counts.reshape(r, e // r)[3].tolist() == [0, 1]
+        with pytest.raises(ep.RoutingError, match="expert id 42, outside"):
+            buf.check()
+        buf.check()  # cleared
