@@ -22,32 +22,14 @@ import jax
 import numpy as np
 
 from . import _native
-from .errors import JaxLlEpError, ProtocolTimeoutError, RoutingError, SequenceMismatchError
+from ._native_common import device_groups, distributed_client, exception, settle_order_token
 
 log = logging.getLogger("jax_ll_ep")
 
 _BOOTSTRAP_TIMEOUT_MS = 120_000  # key-value store and barrier waits of collective create/close
 
-# ErrorCode in layout.h
-_OK, _TIMEOUT, _MISMATCH, _INVALID_EXPERT, _DUPLICATE_EXPERT, _SPLIT_MISUSE, _INVALID_HANDLE = range(7)
-_KIND_NAMES = {1: "dispatch", 2: "combine"}
-
 # HookPoint in xla_ffi/cpu/test_hooks.h
 HOOK_POINTS = ("before_send", "before_signal", "before_recv")
-
-
-def device_groups(mesh, axis_name: str) -> np.ndarray:
-    """[G, R] array of the mesh's devices: row g is group g (a slice of the mesh along the other axes, in mesh
-    order), column r is rank r on ``axis_name``."""
-    axis = mesh.axis_names.index(axis_name)
-    devices = np.moveaxis(np.asarray(mesh.devices), axis, -1)
-    return devices.reshape(-1, mesh.shape[axis_name])
-
-
-def _distributed_client():
-    from jax._src import distributed
-
-    return distributed.global_state.client
 
 
 class CpuImpl:
@@ -103,7 +85,7 @@ class CpuImpl:
         client.wait_at_barrier(self._key(what), _BOOTSTRAP_TIMEOUT_MS, None if everyone else self._processes)
 
     def _create_shared(self, create: dict) -> None:
-        client = _distributed_client()
+        client = distributed_client()
         if client is None:
             raise RuntimeError(
                 "the buffer's mesh spans several processes; call jax.distributed.initialize() in every process "
@@ -153,20 +135,20 @@ class CpuImpl:
     def check(self) -> None:
         """Waits for the calls dispatched on the buffer to finish, then raises the first error recorded by this
         process's ranks since the last check (and clears them all)."""
-        _settle_order_token(self._handle)
+        settle_order_token(self._handle)
         records = self._mod.errors(self._handle, True)
         if records:
-            raise _exception(records)
+            raise exception("cpu", records)
 
     def close(self) -> None:
         """Collective (a barrier over the mesh's processes) and idempotent."""
         if self._closed:
             return
         self._closed = True
-        _settle_order_token(self._handle)
+        settle_order_token(self._handle)
         barrier_error = None
         if self._multiprocess:
-            client = _distributed_client()
+            client = distributed_client()
             if client is not None:  # None at exit once jax.distributed has shut down: nothing to wait for
                 try:
                     self._barrier(client, "close")
@@ -175,98 +157,6 @@ class CpuImpl:
         self._mod.destroy_buffer(self._handle)
         if barrier_error is not None:
             raise RuntimeError(f"closing cpu buffer {self._handle}: the close barrier failed") from barrier_error
-
-
-def _settle_order_token(handle: int) -> None:
-    """Waits until every program dispatched on the buffer (by this thread) has finished on all local devices; if the
-    last one failed, forgets its ordering token.
-
-    JAX threads one runtime token per ordered effect through the programs that carry it (_ffi.BufferOrderEffect, one
-    per buffer). When a program fails (a timeout, a routing error), that token holds the failure, and JAX would
-    refuse every later call on the buffer with it, and print it again at exit. The failure has already been raised
-    where the program's results were awaited, and the protocol state is consistent after routing errors and split
-    misuse (and a timed-out buffer says so itself), so the token is dropped once the failed program has finished on
-    every device. Uses JAX internals (jax._src.dispatch.runtime_tokens).
-    """
-    from jax._src import dispatch
-
-    from ._ffi import BufferOrderEffect
-
-    tokens = dispatch.runtime_tokens
-    effect = BufferOrderEffect(handle)
-    token = tokens.current_tokens.get(effect)
-    if token is None:
-        return
-    try:
-        token.block_until_ready()  # ready once the last program on the buffer is done on every local device
-    except Exception:  # noqa: BLE001 - that failure was reported to the caller already; the record says what it was
-        tokens.current_tokens.pop(effect, None)
-        # The per-device tokens of that program carry the same failure (JAX only waits on them at exit).
-        for device, device_token in list(tokens.output_runtime_tokens.items()):
-            try:
-                device_token.block_until_ready()
-            except Exception:  # noqa: BLE001
-                tokens.output_runtime_tokens.pop(device, None)
-
-
-def _describe(rec: dict) -> str:
-    op = _KIND_NAMES.get(rec["kind"], "call")
-    where = f"rank {rec['rank']} of group {rec['group']}, {op} call seq={rec['seq']}"
-    code = rec["code"]
-    if code == _TIMEOUT:
-        pairs = ", ".join(f"(rank {r}, local expert {e})" for r, e in rec["missing"])
-        return f"{where}: timed out; signals never came from {pairs}"
-    if code == _MISMATCH:
-        signal = rec["signal"]
-        seen = _KIND_NAMES.get((signal >> 28) & 0xF, "none")
-        return (
-            f"{where}: rank {rec['token']} signalled local expert {rec['topk_pos']} for its call "
-            f"seq={signal >> 32} ({seen}); the ranks issued different sequences of calls on this buffer"
-        )
-    if code == _INVALID_EXPERT:
-        return (
-            f"{where}: topk_idx[{rec['token']}, {rec['topk_pos']}] = {rec['detail']} is outside [-1, num_experts); "
-            "the entry was treated as -1"
-        )
-    if code == _DUPLICATE_EXPERT:
-        return (
-            f"{where}: topk_idx[{rec['token']}, {rec['topk_pos']}] = {rec['detail']} repeats an earlier expert of "
-            "the token; the repeat was treated as -1"
-        )
-    if code == _SPLIT_MISUSE:
-        return (
-            f"{where}: split send/recv used out of order (a send while a call was open, or a receive without its "
-            "send); nothing was sent"
-        )
-    if code == _INVALID_HANDLE:
-        return (
-            f"{where}: the dispatch handle passed to combine does not match the receive layout or topk_idx "
-            "(pass the handle returned by the matching dispatch unchanged)"
-        )
-    return f"{where}: error code {code}"
-
-
-# Which record check() raises when several ranks hold one: the root cause first. A rank that detected a sequence
-# mismatch explains why its peers timed out; timeouts are the least specific.
-_PRIORITY = {_MISMATCH: 0, _INVALID_EXPERT: 1, _DUPLICATE_EXPERT: 1, _INVALID_HANDLE: 2, _SPLIT_MISUSE: 3, _TIMEOUT: 4}
-
-
-def _exception(records: list[dict]) -> JaxLlEpError:
-    records = sorted(records, key=lambda rec: _PRIORITY.get(rec["code"], 5))  # stable: then by (group, rank)
-    first = records[0]
-    lines = [_describe(rec) + (f" (+{rec['count'] - 1} later errors)" if rec["count"] > 1 else "") for rec in records]
-    message = "jax_ll_ep cpu backend: " + "; ".join(lines)
-    code = first["code"]
-    if code == _TIMEOUT:
-        missing = sorted({pair for rec in records if rec["code"] == _TIMEOUT for pair in rec["missing"]})
-        return ProtocolTimeoutError(
-            message, op=_KIND_NAMES.get(first["kind"], ""), seq=int(first["seq"]), missing=tuple(missing)
-        )
-    if code == _MISMATCH:
-        return SequenceMismatchError(message)
-    if code in (_INVALID_EXPERT, _DUPLICATE_EXPERT):
-        return RoutingError(message)
-    return JaxLlEpError(message)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,7 +199,7 @@ test_stamps.__test__ = False  # not a pytest test despite the name
 def sequence_numbers(buf) -> dict[tuple[int, int], tuple[int, int]]:
     """{(group, rank): (seq, open_seq)} of this process's ranks: calls completed, and the open split call (0: none)."""
     impl = _impl_of(buf)
-    _settle_order_token(impl._handle)
+    settle_order_token(impl._handle)
     return {(g, r): (seq, open_seq) for g, r, seq, open_seq in impl._mod.sequence_numbers(impl._handle)}
 
 

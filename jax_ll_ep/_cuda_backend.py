@@ -29,17 +29,13 @@ import threading
 import jax
 import numpy as np
 
-from ._cpu_backend import _describe, _settle_order_token, device_groups  # shared by both native backends
-from .errors import JaxLlEpError, ProtocolTimeoutError, RoutingError, SequenceMismatchError
+from ._native_common import device_groups, distributed_client, exception, settle_order_token
 
 log = logging.getLogger("jax_ll_ep")
 
 FORCE_PUT_ENV = "JAX_LL_EP_FORCE_PUT"  # "1": reach every peer (self included) through NVSHMEM device puts
 _BOOTSTRAP_TIMEOUT_MS = 120_000
 
-# ErrorCode and OpKind in layout.h
-_TIMEOUT, _MISMATCH, _INVALID_EXPERT, _DUPLICATE_EXPERT = 1, 2, 3, 4
-_KIND_NAMES = {1: "dispatch", 2: "combine"}
 
 _MEMORY_HINT = (
     "JAX preallocates 75% of GPU memory by default: set XLA_PYTHON_CLIENT_PREALLOCATE=false or lower "
@@ -87,12 +83,6 @@ def _load_module():
         return module
 
 
-def _client():
-    from jax._src import distributed
-
-    return distributed.global_state.client
-
-
 def _cuda_device(ordinal: int):
     try:
         from cuda.core import Device
@@ -115,7 +105,7 @@ def _init_nvshmem(ordinal: int) -> None:
     if nranks == 1:
         uid = nvshmem.get_unique_id()
     else:
-        client = _client()
+        client = distributed_client()
         if client is None:
             raise RuntimeError("backend='cuda' with several processes needs jax.distributed.initialize() first")
         key = "jax_ll_ep/cuda/nvshmem_uid"
@@ -224,7 +214,7 @@ class CudaImpl:
 
     def _barrier(self, what: str) -> None:
         if jax.process_count() > 1:
-            _client().wait_at_barrier(self._key(what), _BOOTSTRAP_TIMEOUT_MS)
+            distributed_client().wait_at_barrier(self._key(what), _BOOTSTRAP_TIMEOUT_MS)
 
     def _check_memory(self) -> None:
         """Every process checks its GPU's free memory; all raise together if any is short (the allocation that
@@ -234,7 +224,7 @@ class CudaImpl:
         status = "ok" if free >= need else f"GPU {self._ordinal} has {free} bytes free, needs about {need}"
         statuses = [status]
         if jax.process_count() > 1:
-            client = _client()
+            client = distributed_client()
             client.key_value_set(self._key(f"mem/{jax.process_index()}"), status)
             statuses = [
                 client.blocking_key_value_get(self._key(f"mem/{p}"), _BOOTSTRAP_TIMEOUT_MS)
@@ -288,19 +278,19 @@ class CudaImpl:
     def check(self) -> None:
         """Raises the first error this rank recorded since the last check (after waiting for its enqueued calls),
         then clears it."""
-        _settle_order_token(self._handle)  # a failed call's ordering token would fail every later call
+        settle_order_token(self._handle)  # a failed call's ordering token would fail every later call
         state = self._module.read_state(self._handle)
         if state["error_code"] == 0:
             return
         self._module.clear_error(self._handle)
-        raise _exception(self._record(state))
+        raise exception("cuda", [self._record(state)])
 
     def close(self) -> None:
         """Collective and idempotent."""
         with _lock:
             if self._closed:
                 return
-            _settle_order_token(self._handle)
+            settle_order_token(self._handle)
             self._unregister()
             self._barrier("close")  # every rank's kernels are done before anyone frees
             self._free()
@@ -336,18 +326,3 @@ class CudaImpl:
             count=state["error_count"],
             missing=[(int(p) % num_ranks, int(p) // num_ranks) for p in np.flatnonzero(missing)],
         )
-
-
-def _exception(rec: dict) -> JaxLlEpError:
-    later = f" (+{rec['count'] - 1} later errors)" if rec["count"] > 1 else ""
-    message = "jax_ll_ep cuda backend: " + _describe(rec) + later
-    code = rec["code"]
-    if code == _TIMEOUT:
-        return ProtocolTimeoutError(
-            message, op=_KIND_NAMES.get(rec["kind"], ""), seq=int(rec["seq"]), missing=tuple(rec["missing"])
-        )
-    if code == _MISMATCH:
-        return SequenceMismatchError(message)
-    if code in (_INVALID_EXPERT, _DUPLICATE_EXPERT):
-        return RoutingError(message)
-    return JaxLlEpError(message)

@@ -22,7 +22,7 @@ import pytest
 import test_reference as ref  # the shared routing/shape cases and the oracle round-trip check
 
 import jax_ll_ep as ep
-from jax_ll_ep import _cpu_backend, testing
+from jax_ll_ep import _cpu_backend, _native_common, testing
 
 BF16 = ml_dtypes.bfloat16
 ENTER, SIGNALLED, RETURNED = range(3)  # test_stamps columns
@@ -570,7 +570,7 @@ def test_compiled_call_after_close_is_refused():
         jax.block_until_ready(testing._dispatch_fn(buf, None)(*(testing.shard_per_device(buf, a) for a in (xs, topks))))
     with pytest.raises(ep.BufferClosedError):
         buf.check()
-    _cpu_backend._settle_order_token(buf.handle)  # forget the failed program's token (else JAX re-raises at exit)
+    _native_common.settle_order_token(buf.handle)  # forget the failed program's token (else JAX re-raises at exit)
 
 
 def test_buffer_used_on_devices_outside_its_mesh_is_refused(cpu_devices):
