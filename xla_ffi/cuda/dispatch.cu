@@ -1,12 +1,21 @@
-// Dispatch: stage kernel + send kernel (send half), receive kernel (receive half).
+// Dispatch: one kernel that runs the send half, the receive half, or both (a fused call is a single launch).
 //
 // Slot assignment is deterministic: the s-th token (in token order) of this rank that chose global expert e goes to
 // slot s of pair (e % E_l, this rank) in the owner's receive region of the call's parity. The receiver therefore
 // only concatenates the pairs of each local expert by source rank to get the contract's row order (by source rank,
-// then by source token).
+// then by source token). Every block derives the slots itself from a bitmask per expert of the tokens that chose
+// it (slot = set bits below the token), so no grid-wide pass runs before the first byte is sent.
+//
+// Send half:    (0) each block builds the bitmasks and per-expert counts in shared memory;
+//               (1) warps claim items from a work queue: an item (token, chunk of kChunk channels) loads the chunk
+//                   once, casts it (fp8) and stores it into the message of every destination of the token; an item
+//                   of 32 experts signals the experts this rank sends nothing to. The lane that completes a pair's
+//                   last item signals the pair.
+// Receive half: (2) every block waits for all E_l x R signals (bounded), scans the counts into the layout, and the
+//                   grid copies the messages into the output buffers.
+// Fused call on rank 0: its own rows start at offset 0 of each local expert's layout whatever the peers send, so
+// step (1) writes them straight into the outputs and they skip the symmetric region (half the bytes for 1 rank).
 #include <cuda_fp8.h>
-
-#include <climits>
 
 #include "cuda/launch.h"
 #include "cuda/protocol.cuh"
@@ -15,20 +24,17 @@ namespace jax_ll_ep {
 namespace cuda {
 namespace {
 
-constexpr int kStageThreads = 256;
-constexpr int kSendThreads = 256;
-constexpr int kRecvThreads = 512;
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / kWarp;
+constexpr int kChunk = 1024;           // channels per send item: 8 fp8 scale blocks, or 128 16-byte bf16 units
+constexpr int kRounds = kChunk / 256;  // a warp covers 256 channels per 16-byte load per lane
+constexpr int kBlocksPerChunk = kChunk / kScaleBlock;
 constexpr float kFp8Max = 448.0f;
 constexpr float kAmaxFloor = 1e-4f;
 
 __device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 
-// Bytes of a message's payload that travel: bf16 rows, or e4m3 bytes followed by the float32 scales (rounded up to
-// 16 bytes; the message stride leaves room for it).
-__host__ __device__ __forceinline__ int64_t payload_bytes(const Layout& l, Fp8Mode mode) {
-  return mode == Fp8Mode::kNone ? 2 * static_cast<int64_t>(l.hidden)
-                                : align_up(l.hidden + l.hidden / kScaleBlock * 4, 16);
-}
+__host__ __device__ __forceinline__ int words_per_expert(const Layout& l) { return (l.max_tokens + 31) / 32; }
 
 // Scale and its inverse for one 128-channel block (the brief's exact float32 semantics, no FMA).
 __device__ __forceinline__ void fp8_scales(float amax, Fp8Mode mode, float& scale, float& inv) {
@@ -45,305 +51,446 @@ __device__ __forceinline__ void fp8_scales(float amax, Fp8Mode mode, float& scal
   inv = __uint_as_float(static_cast<uint32_t>(127 - e) << 23);
 }
 
-// One warp casts a bf16 row into e4m3 bytes + float32 scales: each half-warp takes one 128-channel block, each lane
-// 8 channels (one 16-byte load).
-__device__ void cast_row_fp8(const uint16_t* x_row, uint8_t* data, float* scales, int hidden, Fp8Mode mode) {
-  const int lane = lane_id();
-  const int half = lane >> 4;
-  const int sub = lane & 15;
-  const int num_blocks = hidden / kScaleBlock;
-  for (int b0 = 0; b0 < num_blocks; b0 += 2) {
-    const int b = b0 + half;
-    const bool active = b < num_blocks;
+// ---------------------------------------------------------------------------------------------------------------
+// One chunk of one token in registers. fp8: round r covers scale blocks (8c + 2r + half), each lane 8 channels of its
+// half-warp's block; bf16: round r covers the 16-byte units 128c + 32r + lane.
+// ---------------------------------------------------------------------------------------------------------------
+struct Chunk {
+  uint4 raw[kRounds];    // bf16 payload
+  uint2 fp8[kRounds];    // e4m3 bytes
+  float scale[kRounds];  // the block's scale (fp8), valid in lanes with sub == 0
+};
+
+__device__ __forceinline__ int fp8_block(int c, int r) { return c * kBlocksPerChunk + 2 * r + (lane_id() >> 4); }
+__device__ __forceinline__ int bf16_unit(int c, int r) { return c * (kChunk / 8) + r * kWarp + lane_id(); }
+
+__device__ void load_chunk(const Layout& l, const DispatchArgs& a, int t, int c, Chunk& ch) {
+  const uint16_t* x_row = a.x + static_cast<int64_t>(t) * l.hidden;
+  const int sub = lane_id() & 15;
+  if (a.fp8_mode == Fp8Mode::kNone) {
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      const int u = bf16_unit(c, r);
+      ch.raw[r] = u < l.hidden / 8 ? __ldg(reinterpret_cast<const uint4*>(x_row) + u) : make_uint4(0, 0, 0, 0);
+    }
+    return;
+  }
+  const int num_blocks = l.hidden / kScaleBlock;
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {  // every load in flight before the first use
+    const int b = fp8_block(c, r);
+    ch.raw[r] = b < num_blocks ? __ldg(reinterpret_cast<const uint4*>(x_row + b * kScaleBlock + sub * 8))
+                               : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {
+    const uint32_t w[4] = {ch.raw[r].x, ch.raw[r].y, ch.raw[r].z, ch.raw[r].w};
     float v[8];
     float amax = 0.0f;
-    if (active) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x_row + b * kScaleBlock + sub * 8));
-      const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        v[2 * j] = bf16_bits_to_float(w[j] & 0xFFFFu);
-        v[2 * j + 1] = bf16_bits_to_float(w[j] >> 16);
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
+    for (int j = 0; j < 4; ++j) {
+      v[2 * j] = bf16_bits_to_float(w[j] & 0xFFFFu);
+      v[2 * j + 1] = bf16_bits_to_float(w[j] >> 16);
     }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
     // max over the 16 lanes of this half-warp (xor distances below 16 never cross halves); max is exact
 #pragma unroll
     for (int d = 8; d >= 1; d >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-    if (!active) continue;
     amax = fmaxf(amax, kAmaxFloor);
     float scale, inv;
-    fp8_scales(amax, mode, scale, inv);
+    fp8_scales(amax, a.fp8_mode, scale, inv);
     uint32_t packed[2] = {0u, 0u};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float a = fminf(fmaxf(__fmul_rn(v[2 * j], inv), -kFp8Max), kFp8Max);
-      const float c = fminf(fmaxf(__fmul_rn(v[2 * j + 1], inv), -kFp8Max), kFp8Max);
+      const float lo = fminf(fmaxf(__fmul_rn(v[2 * j], inv), -kFp8Max), kFp8Max);
+      const float hi = fminf(fmaxf(__fmul_rn(v[2 * j + 1], inv), -kFp8Max), kFp8Max);
       // cvt.rn.satfinite: round to nearest even (the values are already inside the finite range)
-      const uint32_t pair = __nv_cvt_float2_to_fp8x2(make_float2(a, c), __NV_SATFINITE, __NV_E4M3);
+      const uint32_t pair = __nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3);
       packed[j / 2] |= pair << (16 * (j % 2));
     }
-    *reinterpret_cast<uint2*>(data + b * kScaleBlock + sub * 8) = make_uint2(packed[0], packed[1]);
-    if (sub == 0) scales[b] = scale;
+    ch.fp8[r] = make_uint2(packed[0], packed[1]);
+    ch.scale[r] = scale;
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Stage kernel: (a) one warp per global expert lists the tokens that chose it, in token order (their slots);
-// (b) one warp per token checks its row for routing errors and stages its payload (fp8 cast, or a bf16 copy when
-// some peer is reached by NVSHMEM puts, which need a symmetric source).
-// ---------------------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kStageThreads) dispatch_stage_kernel(CudaGroup g, DispatchArgs a) {
-  const Layout& l = g.group.layout;
-  const int num_experts = l.num_local_experts * l.num_ranks;
-  const int n = a.num_tokens, k_count = a.num_topk;
-  const int lane = lane_id();
-  RankState* state = l.state(g.local_region);
+// Where a chunk goes: a row of payload bytes (a message's payload, or an output row) and its scales (float32, or
+// UE8M0 bytes when `ue8m0` is set; unused for bf16).
+struct RowDst {
+  uint8_t* data;
+  float* scales;
+  uint8_t* ue8m0;
+};
 
-  for (int e = global_warp(); e < num_experts; e += num_global_warps()) {
-    int32_t running = 0;
-    for (int base = 0; base < n; base += kWarp) {
-      const int t = base + lane;
-      int found = -1;
-      if (t < n) {
-        const int32_t* row = a.topk_idx + static_cast<int64_t>(t) * k_count;
-        for (int k = 0; k < k_count; ++k) {
-          if (row[k] == e) {  // the first occurrence only: a repeat is treated as -1
-            found = k;
-            break;
-          }
-        }
-      }
-      const uint32_t hits = __ballot_sync(0xffffffffu, found >= 0);
-      if (found >= 0) {
-        g.workspace.expert_list[static_cast<int64_t>(e) * l.max_tokens + running + __popc(hits & lanemask_lt())] =
-            t * kMaxTopk + found;
-      }
-      running += __popc(hits);
+__device__ __forceinline__ void store_chunk(const Layout& l, Fp8Mode mode, const Chunk& ch, int c, const RowDst& d) {
+  const int sub = lane_id() & 15;
+  if (mode == Fp8Mode::kNone) {
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      const int u = bf16_unit(c, r);
+      if (u < l.hidden / 8) reinterpret_cast<uint4*>(d.data)[u] = ch.raw[r];
     }
-    if (lane == 0) g.workspace.expert_count[e] = running;
+    return;
   }
-
-  const uint64_t seq = read_call_state(state).seq + 1;  // for error records only
-  const bool stage = a.fp8_mode != Fp8Mode::kNone || g.use_put;
-  for (int t = global_warp(); t < n; t += num_global_warps()) {
-    const int32_t id = lane < k_count ? a.topk_idx[static_cast<int64_t>(t) * k_count + lane] : -1;
-    const uint32_t same = __match_any_sync(0xffffffffu, id);  // called by the whole warp (convergent)
-    const bool in_range = id >= 0 && id < num_experts;
-    const bool repeated = in_range && (same & lanemask_lt()) != 0u;
-    const bool invalid = lane < k_count && !in_range && id != -1;
-    const uint32_t bad = __ballot_sync(0xffffffffu, invalid || repeated);
-    if (bad != 0u && lane == __ffs(bad) - 1) {  // the first bad entry of the row describes the error
-      record_error(state, g.error_flag,
-                   ErrorInfo{invalid ? ErrorCode::kInvalidExpert : ErrorCode::kDuplicateExpert, OpKind::kDispatch, seq,
-                             id, t, lane, 0});
-    }
-    if (!stage) continue;
-    const uint16_t* x_row = a.x + static_cast<int64_t>(t) * l.hidden;
-    uint8_t* payload = Layout::payload(l.send_message(g.local_region, t));
-    if (a.fp8_mode != Fp8Mode::kNone) {
-      cast_row_fp8(x_row, payload, l.fp8_scales(l.send_message(g.local_region, t)), l.hidden, a.fp8_mode);
+  const int num_blocks = l.hidden / kScaleBlock;
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {
+    const int b = fp8_block(c, r);
+    if (b >= num_blocks) continue;
+    *reinterpret_cast<uint2*>(d.data + b * kScaleBlock + sub * 8) = ch.fp8[r];
+    if (sub != 0) continue;
+    if (d.ue8m0 != nullptr) {
+      d.ue8m0[b] = static_cast<uint8_t>((__float_as_uint(ch.scale[r]) >> 23) & 0xFFu);  // a power of two: e + 127
     } else {
-      const int4* src = reinterpret_cast<const int4*>(x_row);
-      int4* dst = reinterpret_cast<int4*>(payload);
-      for (int i = lane; i < l.hidden / 8; i += kWarp) dst[i] = __ldg(src + i);
+      d.scales[b] = ch.scale[r];
     }
   }
 }
 
+// Byte ranges of chunk c inside a message payload (for the put path): the data part and the float32 scales part.
+__device__ __forceinline__ void chunk_ranges(const Layout& l, Fp8Mode mode, int c, int64_t& data_off,
+                                             int64_t& data_bytes, int64_t& scale_off, int64_t& scale_bytes) {
+  if (mode == Fp8Mode::kNone) {
+    const int64_t units = l.hidden / 8;
+    const int64_t first = static_cast<int64_t>(c) * (kChunk / 8);
+    data_off = 16 * first;
+    data_bytes = 16 * ((units - first) < kChunk / 8 ? units - first : kChunk / 8);
+    scale_off = scale_bytes = 0;
+    return;
+  }
+  const int64_t blocks = l.hidden / kScaleBlock;
+  const int64_t first = static_cast<int64_t>(c) * kBlocksPerChunk;
+  const int64_t count = (blocks - first) < kBlocksPerChunk ? blocks - first : kBlocksPerChunk;
+  data_off = first * kScaleBlock;
+  data_bytes = count * kScaleBlock;
+  scale_off = l.hidden + 4 * first;
+  scale_bytes = 4 * count;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
-// Send kernel: one warp per message (expert e, slot s) across the grid; the warp that completes a pair's messages
-// signals the pair; pairs with no tokens are signalled directly. Every pair is signalled on every call.
+// Step 0: per-block routing tables. mask[e][w] bit i: token 32w + i chose global expert e (its first occurrence in
+// the row; out-of-range ids and repeats count as -1); count[e]: the number of such tokens. Block 0 also records the
+// routing errors (the first bad entry of each bad row describes it).
 // ---------------------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(CudaGroup g, DispatchArgs a) {
-  extern __shared__ int32_t smem[];
+__device__ void build_routing_tables(const CudaGroup& g, const DispatchArgs& a, uint32_t* mask, int32_t* count,
+                                     uint64_t seq) {
   const Layout& l = g.group.layout;
   const int num_experts = l.num_local_experts * l.num_ranks;
-  int32_t* count = smem;               // [E]
-  int32_t* base = smem + num_experts;  // [E + 1]
-  const int lane = lane_id();
-  uint8_t* local = g.local_region;
-  RankState* state = l.state(local);
-  const CallState cs = read_call_state(state);
-  const bool misuse = cs.open_seq != 0;  // a split send is open: this send must not run
-  const uint64_t seq = cs.seq + 1;
-  const int parity = parity_of(seq);
-
-  if (!misuse) {
-    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) count[e] = g.workspace.expert_count[e];
-    block_exclusive_scan(count, base, num_experts);
-    const int32_t total = base[num_experts];
-    const bool staged = a.fp8_mode != Fp8Mode::kNone || g.use_put;
-    const int64_t bytes = payload_bytes(l, a.fp8_mode);
-    for (int32_t m = global_warp(); m < total; m += num_global_warps()) {
-      const int e = find_bucket(base, num_experts, m);
-      const int slot = m - base[e];
-      const int32_t entry = g.workspace.expert_list[static_cast<int64_t>(e) * l.max_tokens + slot];
-      const int t = entry / kMaxTopk, k = entry % kMaxTopk;
-      const int dst = e / l.num_local_experts, local_expert = e % l.num_local_experts;
-      const PeerRef peer = peer_of(g, dst);
-      const int64_t offset = l.dispatch_message(local, parity, local_expert, g.group.rank, slot) - local;
-      if (lane == 0) {
-        put_16_bytes(peer, local, offset, static_cast<uint32_t>(t) | (static_cast<uint64_t>(k) << 32),
-                     static_cast<uint32_t>(seq));
-      }
-      const uint8_t* src = staged ? Layout::payload(l.send_message(local, t))
-                                  : reinterpret_cast<const uint8_t*>(a.x + static_cast<int64_t>(t) * l.hidden);
-      warp_copy_to_peer(peer, local, offset + static_cast<int64_t>(sizeof(MessageHeader)), src, bytes);
-      __syncwarp();  // the whole warp's stores precede lane 0's release below
-      if (lane == 0) {
-        // release (gpu): this message's stores precede the count; the warp that completes the pair acquires
-        // every other warp's messages through the same counter before its system-scope release of the signal.
-        const uint32_t prev = atomic_add_release_gpu(&g.workspace.pair_sent[e], 1u);
-        if (static_cast<int32_t>(prev) + 1 == count[e]) {
-          fence_acquire_gpu();
-          g.workspace.pair_sent[e] = 0;
-          send_signal(peer, local,
-                      reinterpret_cast<uint8_t*>(l.dispatch_signal(local, parity, local_expert, g.group.rank)) - local,
-                      encode_signal(seq, OpKind::kDispatch, static_cast<uint32_t>(count[e])));
-        }
+  const int words = words_per_expert(l);
+  const int k_count = a.num_topk;
+  for (int i = threadIdx.x; i < num_experts * words; i += blockDim.x) mask[i] = 0u;
+  __syncthreads();  // cleared before any thread sets a bit
+  for (int t = threadIdx.x; t < a.num_tokens; t += blockDim.x) {
+    const int32_t* row = a.topk_idx + static_cast<int64_t>(t) * k_count;
+    int bad_k = -1;
+    int32_t bad_id = 0;
+    bool bad_range = false;
+    for (int k = 0; k < k_count; ++k) {
+      const int32_t id = row[k];
+      if (id == -1) continue;
+      const bool in_range = id >= 0 && id < num_experts;
+      bool repeated = false;
+      for (int j = 0; in_range && j < k; ++j) repeated = repeated || row[j] == id;
+      if (in_range && !repeated) {
+        atomicOr(&mask[id * words + t / 32], 1u << (t % 32));
+      } else if (bad_k < 0) {
+        bad_k = k;
+        bad_id = id;
+        bad_range = !in_range;
       }
     }
-    for (int e = global_warp(); e < num_experts; e += num_global_warps()) {
-      if (lane != 0 || count[e] != 0) continue;
-      const int dst = e / l.num_local_experts, local_expert = e % l.num_local_experts;
-      // no data: the signal alone says "0 tokens from this rank for this expert in this call"
-      send_signal(peer_of(g, dst), local,
-                  reinterpret_cast<uint8_t*>(l.dispatch_signal(local, parity, local_expert, g.group.rank)) - local,
-                  encode_signal(seq, OpKind::kDispatch, 0u));
+    if (bad_k >= 0 && blockIdx.x == 0) {
+      record_error(g.group.layout.state(g.local_region), g.error_flag,
+                   ErrorInfo{bad_range ? ErrorCode::kInvalidExpert : ErrorCode::kDuplicateExpert, OpKind::kDispatch,
+                             seq, bad_id, t, bad_k, 0});
     }
-  } else if (blockIdx.x == 0 && threadIdx.x == 0) {
-    record_error(state, g.error_flag, ErrorInfo{ErrorCode::kSplitMisuse, OpKind::kDispatch, cs.open_seq, 0, -1, -1, 0});
-    if (g.group.ticket_out != nullptr) *g.group.ticket_out = -1;  // matches no call: its receive half reports misuse
   }
-  finish_kernel(&g.workspace.done[kDoneDispatchSend], [&] {
-    if (misuse) return;
-    state->open_seq = seq;
-    state->open_kind = static_cast<uint32_t>(OpKind::kDispatch);
-    if (g.group.ticket_out != nullptr) *g.group.ticket_out = ticket_of(seq);
-  });
+  __syncthreads();  // every bit set before the counts
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    int32_t c = 0;
+    for (int w = 0; w < words; ++w) c += __popc(mask[e * words + w]);
+    count[e] = c;
+  }
+  __syncthreads();  // the tables are complete for the whole block
+}
+
+__device__ __forceinline__ int32_t slot_of(const uint32_t* mask, int words, int e, int t) {
+  const uint32_t* m = mask + e * words;
+  int32_t s = __popc(m[t / 32] & ((1u << (t % 32)) - 1u));
+  for (int w = 0; w < t / 32; ++w) s += __popc(m[w]);
+  return s;
+}
+
+struct SendContext {
+  const uint32_t* mask;
+  const int32_t* count;
+  uint64_t seq;
+  int parity;
+  int chunks;   // items per token
+  bool direct;  // fused call on rank 0: own rows go straight into the outputs
+};
+
+// Step 1, one item: chunk c of token t to every destination of the token.
+__device__ void send_token_chunk(const CudaGroup& g, const DispatchArgs& a, const SendContext& sc, int t, int c) {
+  const Layout& l = g.group.layout;
+  const int num_experts = l.num_local_experts * l.num_ranks;
+  const int lane = lane_id();
+  const int rank = g.group.rank;
+  uint8_t* local = g.local_region;
+  const int32_t id = lane < a.num_topk ? a.topk_idx[static_cast<int64_t>(t) * a.num_topk + lane] : -1;
+  const uint32_t same = __match_any_sync(0xffffffffu, id);  // called by the whole warp (convergent)
+  const bool valid = lane < a.num_topk && id >= 0 && id < num_experts && (same & lanemask_lt()) == 0u;
+  const uint32_t entries = __ballot_sync(0xffffffffu, valid);
+  const int32_t slot = valid ? slot_of(sc.mask, words_per_expert(l), id, t) : 0;
+
+  Chunk ch;
+  load_chunk(l, a, t, c, ch);
+  const bool fp8 = a.fp8_mode != Fp8Mode::kNone;
+  uint8_t* staged = Layout::payload(l.send_message(local, t));
+  if (g.use_put) {
+    // NVSHMEM puts need a symmetric source: this rank's staging copy of the token.
+    store_chunk(l, a.fp8_mode, ch, c, RowDst{staged, reinterpret_cast<float*>(staged + l.hidden), nullptr});
+    __syncwarp();  // the staged chunk is complete before any lane's put reads it
+  }
+  const int64_t rows = static_cast<int64_t>(l.num_ranks) * l.max_tokens;
+  for (uint32_t rest = entries; rest != 0u; rest &= rest - 1u) {
+    const int k = __ffs(rest) - 1;
+    const int e = __shfl_sync(0xffffffffu, id, k);
+    const int s = __shfl_sync(0xffffffffu, slot, k);
+    const int dst = e / l.num_local_experts, local_expert = e % l.num_local_experts;
+    if (sc.direct && dst == rank) {
+      const int64_t out_row = local_expert * rows + s;
+      const int num_scales = l.hidden / kScaleBlock;
+      RowDst d{static_cast<uint8_t*>(a.recv_x) + out_row * (fp8 ? l.hidden : 2 * static_cast<int64_t>(l.hidden)),
+               nullptr, nullptr};
+      if (a.fp8_mode == Fp8Mode::kUe8m0Scale) {
+        d.ue8m0 = static_cast<uint8_t*>(a.recv_scale) + out_row * num_scales;
+      } else if (fp8) {
+        d.scales = static_cast<float*>(a.recv_scale) + out_row * num_scales;
+      }
+      store_chunk(l, a.fp8_mode, ch, c, d);
+      if (c == 0 && lane == 0) {
+        a.src_info[out_row] = t;
+        a.src_topk_pos[out_row] = k;
+      }
+      continue;
+    }
+    const PeerRef peer = peer_of(g, dst);
+    const int64_t offset = l.dispatch_message(local, parity_of(sc.seq), local_expert, rank, s) - local;
+    if (c == 0 && lane == 0) {
+      put_16_bytes(peer, local, offset, static_cast<uint32_t>(t) | (static_cast<uint64_t>(k) << 32),
+                   static_cast<uint32_t>(sc.seq));
+    }
+    const int64_t payload = offset + static_cast<int64_t>(sizeof(MessageHeader));
+    if (peer.peer_base != nullptr) {
+      uint8_t* p = peer.peer_base + payload;
+      store_chunk(l, a.fp8_mode, ch, c, RowDst{p, reinterpret_cast<float*>(p + l.hidden), nullptr});
+    } else {
+      int64_t data_off, data_bytes, scale_off, scale_bytes;
+      chunk_ranges(l, a.fp8_mode, c, data_off, data_bytes, scale_off, scale_bytes);
+      nvshmemx_putmem_nbi_warp(local + payload + data_off, staged + data_off, static_cast<size_t>(data_bytes), peer.pe);
+      if (scale_bytes > 0) {
+        nvshmemx_putmem_nbi_warp(local + payload + scale_off, staged + scale_off, static_cast<size_t>(scale_bytes),
+                                 peer.pe);
+      }
+    }
+  }
+  __syncwarp();  // the whole warp's stores precede each lane's release below
+  if (!valid) return;
+  // release (gpu): this item's stores precede the count; the lane that completes the pair acquires every other
+  // item's stores through the same counter before its system-scope release of the signal.
+  const uint32_t prev = atomic_add_release_gpu(&g.workspace.pair_sent[id], 1u);
+  if (prev + 1u == static_cast<uint32_t>(sc.count[id]) * static_cast<uint32_t>(sc.chunks)) {
+    fence_acquire_gpu();
+    g.workspace.pair_sent[id] = 0u;  // re-armed for the next call (stream order separates the calls)
+    const int dst = id / l.num_local_experts, local_expert = id % l.num_local_experts;
+    send_signal(peer_of(g, dst), local,
+                reinterpret_cast<uint8_t*>(l.dispatch_signal(local, sc.parity, local_expert, rank)) - local,
+                encode_signal(sc.seq, OpKind::kDispatch, static_cast<uint32_t>(sc.count[id])));
+  }
+}
+
+// Step 1, one item: experts first_expert .. +31 that this rank sends nothing to get their (data-free) signal.
+__device__ void signal_empty_experts(const CudaGroup& g, const SendContext& sc, int first_expert) {
+  const Layout& l = g.group.layout;
+  const int e = first_expert + lane_id();
+  if (e >= l.num_local_experts * l.num_ranks || sc.count[e] != 0) return;
+  uint8_t* local = g.local_region;
+  const int dst = e / l.num_local_experts, local_expert = e % l.num_local_experts;
+  send_empty_signal(peer_of(g, dst), local,
+                    reinterpret_cast<uint8_t*>(l.dispatch_signal(local, sc.parity, local_expert, g.group.rank)) - local,
+                    encode_signal(sc.seq, OpKind::kDispatch, 0u));
+}
+
+__device__ void send_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* smem, uint64_t seq, bool direct) {
+  const Layout& l = g.group.layout;
+  const int num_experts = l.num_local_experts * l.num_ranks;
+  uint32_t* mask = smem;                                                                  // [E][words]
+  int32_t* count = reinterpret_cast<int32_t*>(smem + num_experts * words_per_expert(l));  // [E]
+  build_routing_tables(g, a, mask, count, seq);
+  const SendContext sc{mask, count, seq, parity_of(seq), (l.hidden + kChunk - 1) / kChunk, direct};
+  const uint32_t token_items = static_cast<uint32_t>(a.num_tokens) * static_cast<uint32_t>(sc.chunks);
+  const uint32_t items = token_items + static_cast<uint32_t>((num_experts + kWarp - 1) / kWarp);
+  for (;;) {
+    const uint32_t item = warp_claim(&g.workspace.queue[kOpDispatch]);
+    if (item >= items) break;
+    if (item < token_items) {
+      send_token_chunk(g, a, sc, static_cast<int>(item / sc.chunks), static_cast<int>(item % sc.chunks));
+    } else {
+      signal_empty_experts(g, sc, static_cast<int>(item - token_items) * kWarp);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Receive kernel: every block waits for all E_l x R signals of the open call (bounded), derives the packed layout
-// from the counts (one scan over pairs ordered (local expert, source rank)), then the grid copies one message per
-// warp into the output buffers.
+// Step 2: wait for every pair, derive the layout, copy the messages out (rank 0's own rows of a fused call are
+// already in place).
 // ---------------------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kRecvThreads) dispatch_recv_kernel(CudaGroup g, DispatchArgs a) {
-  extern __shared__ int32_t smem[];
+__device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* smem, uint64_t seq, bool direct) {
   const Layout& l = g.group.layout;
   const int num_pairs = static_cast<int>(l.num_pairs());
   const int num_ranks = l.num_ranks;
-  int32_t* count = smem;             // [P], pair p = local_expert * R + source rank
-  int32_t* base = smem + num_pairs;  // [P + 1]
+  int32_t* count = reinterpret_cast<int32_t*>(smem);  // [P], pair p = local_expert * R + source rank
+  int32_t* base = count + num_pairs;                  // [P + 1]
   const int lane = lane_id();
   uint8_t* local = g.local_region;
-  RankState* state = l.state(local);
-  const CallState cs = read_call_state(state);
-  const bool open = receive_matches(cs, OpKind::kDispatch, g.group.ticket_in);
-  const uint64_t seq = cs.open_seq;
   const int parity = parity_of(seq);
   const int64_t rows = static_cast<int64_t>(num_ranks) * l.max_tokens;
-
-  if (open) {
-    const WaitContext w{state,       g.error_flag,      l.missing(local),
-                        seq,         OpKind::kDispatch, timeout_deadline(g.group.timeout_s),
-                        l.max_tokens};
+  const WaitContext w{
+      l.state(local), g.error_flag, l.missing(local), seq, OpKind::kDispatch, timeout_deadline(g.group.timeout_s),
+      l.max_tokens};
+  for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
+    const int e = p / num_ranks, r = p % num_ranks;
+    const int32_t c =
+        wait_signal(w, l.dispatch_signal(local, parity, e, r), l.combine_signal(local, parity, e, r), e, r, p);
+    count[p] = c < 0 ? 0 : c;
+  }
+  block_exclusive_scan(count, base, num_pairs);  // its barrier orders the waits' acquires before the copies
+  if (blockIdx.x == 0) {
     for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
-      const int e = p / num_ranks, r = p % num_ranks;
-      const int32_t c =
-          wait_signal(w, l.dispatch_signal(local, parity, e, r), l.combine_signal(local, parity, e, r), e, r, p);
-      count[p] = c < 0 ? 0 : c;
+      const int first = (p / num_ranks) * num_ranks;
+      a.layout_range[2 * p] = base[p] - base[first];
+      a.layout_range[2 * p + 1] = count[p];
     }
-    block_exclusive_scan(count, base, num_pairs);  // its barrier orders the waits' acquires before the copies
-    if (blockIdx.x == 0) {
-      for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
-        const int first = (p / num_ranks) * num_ranks;
-        a.layout_range[2 * p] = base[p] - base[first];
-        a.layout_range[2 * p + 1] = count[p];
-      }
-      for (int e = threadIdx.x; e < l.num_local_experts; e += blockDim.x) {
-        a.recv_count[e] = base[(e + 1) * num_ranks] - base[e * num_ranks];
+    for (int e = threadIdx.x; e < l.num_local_experts; e += blockDim.x) {
+      a.recv_count[e] = base[(e + 1) * num_ranks] - base[e * num_ranks];
+    }
+  }
+  const int32_t total = base[num_pairs];
+  const bool fp8 = a.fp8_mode != Fp8Mode::kNone;
+  const int64_t row_bytes = fp8 ? l.hidden : 2 * static_cast<int64_t>(l.hidden);
+  const int num_scales = l.hidden / kScaleBlock;
+  for (int32_t m = global_warp(); m < total; m += num_global_warps()) {
+    const int p = find_bucket(base, num_pairs, m);
+    const int e = p / num_ranks, r = p % num_ranks;
+    if (direct && r == g.group.rank) continue;  // written by the send half
+    const int slot = m - base[p];
+    const int64_t out_row = static_cast<int64_t>(e) * rows + (base[p] - base[e * num_ranks]) + slot;
+    uint8_t* msg = l.dispatch_message(local, parity, e, r, slot);
+    if (lane == 0) {
+      const MessageHeader h = *Layout::header(msg);
+      a.src_info[out_row] = h.src_token;
+      a.src_topk_pos[out_row] = h.topk_pos;
+    }
+    warp_copy16(reinterpret_cast<int4*>(static_cast<uint8_t*>(a.recv_x) + out_row * row_bytes),
+                reinterpret_cast<const int4*>(Layout::payload(msg)), row_bytes / 16);
+    if (!fp8) continue;
+    const float* scales = l.fp8_scales(msg);
+    for (int i = lane; i < num_scales; i += kWarp) {
+      const float s = scales[i];
+      if (a.fp8_mode == Fp8Mode::kUe8m0Scale) {
+        // a power of two: its biased exponent is the UE8M0 byte e + 127
+        static_cast<uint8_t*>(a.recv_scale)[out_row * num_scales + i] =
+            static_cast<uint8_t>((__float_as_uint(s) >> 23) & 0xFFu);
+      } else {
+        static_cast<float*>(a.recv_scale)[out_row * num_scales + i] = s;
       }
     }
-    const int32_t total = base[num_pairs];
-    const bool fp8 = a.fp8_mode != Fp8Mode::kNone;
-    const int64_t row_bytes = fp8 ? l.hidden : 2 * static_cast<int64_t>(l.hidden);
-    const int num_scales = l.hidden / kScaleBlock;
-    for (int32_t m = global_warp(); m < total; m += num_global_warps()) {
-      const int p = find_bucket(base, num_pairs, m);
-      const int slot = m - base[p];
-      const int e = p / num_ranks, r = p % num_ranks;
-      const int64_t out_row = static_cast<int64_t>(e) * rows + (base[p] - base[e * num_ranks]) + slot;
-      uint8_t* msg = l.dispatch_message(local, parity, e, r, slot);
-      if (lane == 0) {
-        const MessageHeader h = *Layout::header(msg);
-        a.src_info[out_row] = h.src_token;
-        a.src_topk_pos[out_row] = h.topk_pos;
-      }
-      const int4* src = reinterpret_cast<const int4*>(Layout::payload(msg));
-      int4* dst = reinterpret_cast<int4*>(static_cast<uint8_t*>(a.recv_x) + out_row * row_bytes);
-      for (int64_t i = lane; i < row_bytes / 16; i += kWarp) dst[i] = src[i];
-      if (fp8) {
-        const float* scales = l.fp8_scales(msg);
-        for (int i = lane; i < num_scales; i += kWarp) {
-          const float s = scales[i];
-          if (a.fp8_mode == Fp8Mode::kUe8m0Scale) {
-            // a power of two: its biased exponent is the UE8M0 byte e + 127
-            static_cast<uint8_t*>(a.recv_scale)[out_row * num_scales + i] =
-                static_cast<uint8_t>((__float_as_uint(s) >> 23) & 0xFFu);
-          } else {
-            static_cast<float*>(a.recv_scale)[out_row * num_scales + i] = s;
-          }
-        }
-      }
+  }
+}
+
+// Keeps a failed receive's outputs self-consistent (nothing received) so that no later op indexes with garbage.
+__device__ void write_empty_layout(const Layout& l, const DispatchArgs& a) {
+  if (blockIdx.x != 0) return;
+  for (int p = threadIdx.x; p < l.num_pairs(); p += blockDim.x) {
+    a.layout_range[2 * p] = 0;
+    a.layout_range[2 * p + 1] = 0;
+  }
+  for (int e = threadIdx.x; e < l.num_local_experts; e += blockDim.x) a.recv_count[e] = 0;
+}
+
+__global__ void __launch_bounds__(kThreads) dispatch_kernel(CudaGroup g, DispatchArgs a) {
+  extern __shared__ uint32_t smem[];
+  const Layout& l = g.group.layout;
+  RankState* state = l.state(g.local_region);
+  const CallState cs = read_call_state(state);
+  const bool send = (g.group.phases & kSendPhase) != 0, recv = (g.group.phases & kRecvPhase) != 0;
+  // A send half needs no call to be open; a receive half alone completes the open call of this kind (its ticket).
+  const bool proceed = send ? cs.open_seq == 0 : receive_matches(cs, OpKind::kDispatch, g.group.ticket_in);
+  const uint64_t seq = send ? cs.seq + 1 : cs.open_seq;
+  if (proceed) {
+    const bool direct = send && recv && g.group.rank == 0;
+    if (send) send_half(g, a, smem, seq, direct);
+    if (recv) {
+      __syncthreads();  // the block's send loop is over before its tables' memory is reused
+      recv_half(g, a, smem, seq, direct);
     }
   } else {
     if (blockIdx.x == 0 && threadIdx.x == 0) {
       record_error(state, g.error_flag,
                    ErrorInfo{ErrorCode::kSplitMisuse, OpKind::kDispatch, cs.open_seq, 0, -1, -1, 0});
+      if (send && g.group.ticket_out != nullptr) *g.group.ticket_out = -1;  // its receive half reports misuse
     }
-    // Keep the outputs self-consistent (nothing received) so that no later op indexes with garbage.
-    if (blockIdx.x == 0) {
-      for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
-        a.layout_range[2 * p] = 0;
-        a.layout_range[2 * p + 1] = 0;
-      }
-      for (int e = threadIdx.x; e < l.num_local_experts; e += blockDim.x) a.recv_count[e] = 0;
-    }
+    if (recv) write_empty_layout(l, a);
   }
-  finish_kernel(&g.workspace.done[kDoneDispatchRecv], [&] {
-    if (!open) return;
-    state->seq = seq;
-    state->open_seq = 0;
-    state->open_kind = static_cast<uint32_t>(OpKind::kNone);
+  finish_kernel(&g.workspace.done[kOpDispatch], [&] {
+    g.workspace.queue[kOpDispatch] = 0u;  // every block has left its claim loop
+    if (!proceed) return;
+    if (recv) {
+      state->seq = seq;
+      state->open_seq = 0;
+      state->open_kind = static_cast<uint32_t>(OpKind::kNone);
+    } else {
+      state->open_seq = seq;
+      state->open_kind = static_cast<uint32_t>(OpKind::kDispatch);
+      if (g.group.ticket_out != nullptr) *g.group.ticket_out = ticket_of(seq);
+    }
   });
 }
 
 }  // namespace
 }  // namespace cuda
 
+size_t dispatch_smem_bytes(const Layout& l) {
+  const int64_t num_experts = static_cast<int64_t>(l.num_local_experts) * l.num_ranks;
+  const int64_t send = num_experts * cuda::words_per_expert(l) + num_experts;  // mask + count
+  const int64_t recv = 2 * l.num_pairs() + 1;                                  // count + base
+  return static_cast<size_t>(4 * (send > recv ? send : recv));
+}
+
+cudaError_t prepare_dispatch_kernel(int max_dynamic_smem, size_t smem, int* blocks_per_sm) {
+  const cudaError_t e =
+      cudaFuncSetAttribute(cuda::dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem);
+  if (e != cudaSuccess) return e;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, cuda::dispatch_kernel, cuda::kThreads, smem);
+}
+
 cudaError_t run_dispatch(const CudaGroup& g, const DispatchArgs& args, cudaStream_t stream) {
   using namespace cuda;
   const Layout& l = g.group.layout;
-  const int num_experts = l.num_local_experts * l.num_ranks;
-  const int num_pairs = static_cast<int>(l.num_pairs());
+  const int64_t num_experts = static_cast<int64_t>(l.num_local_experts) * l.num_ranks;
+  int64_t warps = 1;
   if (g.group.phases & kSendPhase) {
-    const int stage_blocks =
-        blocks_for(num_experts > args.num_tokens ? num_experts : args.num_tokens, kStageThreads / kWarp, 4 * g.num_sms);
-    dispatch_stage_kernel<<<stage_blocks, kStageThreads, 0, stream>>>(g, args);
-    const int send_blocks = blocks_for(static_cast<int64_t>(args.num_tokens) * args.num_topk + num_experts,
-                                       kSendThreads / kWarp, g.num_sms);
-    const size_t send_smem = (2 * static_cast<size_t>(num_experts) + 1) * sizeof(int32_t);
-    dispatch_send_kernel<<<send_blocks, kSendThreads, send_smem, stream>>>(g, args);
+    const int64_t chunks = (l.hidden + kChunk - 1) / kChunk;
+    const int64_t items = static_cast<int64_t>(args.num_tokens) * chunks + (num_experts + kWarp - 1) / kWarp;
+    const int64_t rows = static_cast<int64_t>(args.num_tokens) * args.num_topk;  // rows received, on average
+    warps = items > rows ? items : rows;
+  } else {
+    warps = 4 * static_cast<int64_t>(l.max_tokens) * l.num_ranks;  // a guess: the receive half alone knows no K
   }
-  if (g.group.phases & kRecvPhase) {
-    const int recv_blocks = blocks_for(static_cast<int64_t>(l.num_ranks) * l.max_tokens * l.num_local_experts,
-                                       kRecvThreads / kWarp, g.num_sms);
-    const size_t recv_smem = (2 * static_cast<size_t>(num_pairs) + 1) * sizeof(int32_t);
-    dispatch_recv_kernel<<<recv_blocks, kRecvThreads, recv_smem, stream>>>(g, args);
-  }
+  // The work queue makes any grid size safe (protocol.cuh); beyond one resident wave nothing is gained.
+  const int blocks = blocks_for(warps, kWarps, g.max_blocks[kOpDispatch]);
+  dispatch_kernel<<<blocks, kThreads, dispatch_smem_bytes(l), stream>>>(g, args);
   return cudaGetLastError();
 }
 

@@ -1,12 +1,16 @@
 // The CUDA backend's launchers: plain host functions that enqueue the protocol's kernels on a stream and return
 // the launch status. They know nothing of XLA (the FFI glue in ffi/cuda_module.cc fills the argument structs).
 //
-// One call of an op is a send half and a receive half (GroupArgs::phases says which ones run):
-//   dispatch send:  stage kernel (route every (token, expert) to its slot, cast/stage the payload), then the send
-//                   kernel (copy messages to the owners' receive regions, signal every (rank, local expert) pair)
+// One call of an op is a send half and a receive half (GroupArgs::phases says which ones run); each op is ONE kernel
+// that runs the halves it is asked for, so a fused call is a single launch:
+//   dispatch send:  route every (token, expert) to its slot (per-block bitmask tables, no grid-wide pass), cast each
+//                   token chunk once and write it into every destination's receive region, signal every
+//                   (rank, local expert) pair
 //   dispatch recv:  wait for all E_l x R signals, write the packed layout into the output buffers
 //   combine send:   copy every valid row of y back to its source token's slot, signal every pair
 //   combine recv:   wait for all E_l x R signals, reduce in float32 in k order
+// In a fused call the local rank's own pairs skip the symmetric region where the layout allows it (dispatch on rank
+// 0 writes its own rows straight into the outputs; combine reads its own rows of y in place).
 // The call's sequence number and parity live in the rank's RankState (device memory) and are advanced by the
 // kernels, so the launchers hold no per-call host state and may be captured into CUDA graphs.
 #pragma once
@@ -20,13 +24,13 @@ namespace jax_ll_ep {
 
 // Per-buffer device scratch (plain cudaMalloc, not symmetric): written and read only by this rank's kernels.
 struct CudaWorkspace {
-  uint32_t* done;         // [kNumDoneCounters] "last block out" counters, one per kernel that updates RankState
-  int32_t* expert_count;  // [E] tokens of this call that chose each global expert (dispatch)
-  int32_t* expert_list;   // [E][T] (token * kMaxTopk + k) of those tokens, in token order (dispatch)
-  uint32_t* pair_sent;    // [max(E, E_l*R)] messages copied so far per destination pair (reset by the last one)
+  uint32_t* done;       // [kNumOps] "last block out" counters, one per op kernel
+  uint32_t* queue;      // [kNumOps] send-half work queues (re-armed by the last block out)
+  uint32_t* pair_sent;  // [E] send items finished per destination pair (reset by the lane that completes it)
+  int32_t* self_row;    // [T][kMaxTopk] fused combine: the row of y holding this rank's own (token, k) output
 };
-inline constexpr int kNumDoneCounters = 4;
-enum DoneCounter : int { kDoneDispatchSend = 0, kDoneDispatchRecv = 1, kDoneCombineSend = 2, kDoneCombineRecv = 3 };
+inline constexpr int kNumOps = 2;
+enum OpIndex : int { kOpDispatch = 0, kOpCombine = 1 };
 
 // Everything a kernel needs to reach this rank's and its peers' regions. Filled once per buffer.
 struct CudaGroup {
@@ -35,19 +39,34 @@ struct CudaGroup {
   const int32_t* peer_pes;  // device array [R]: NVSHMEM PE of each rank of the group (put path)
   uint8_t* local_region;    // this rank's region (also its symmetric address for NVSHMEM calls)
   CudaWorkspace workspace;
-  uint32_t* error_flag;  // device alias of a host-mapped word: set to the ErrorCode of a recorded error
-  int32_t num_sms;       // multiprocessors this process may use (MPS may give it a share)
-  int32_t use_put;       // 1 if any peer uses the NVSHMEM put path (then bf16 payloads are staged too)
+  uint32_t* error_flag;         // device alias of a host-mapped word: set to the ErrorCode of a recorded error
+  int32_t num_sms;              // multiprocessors this process may use (MPS may give it a share)
+  int32_t max_blocks[kNumOps];  // grid cap of each op's kernel: the blocks of it that fit on the device at once
+  int32_t use_put;              // 1 if any peer uses the NVSHMEM put path (then bf16 payloads are staged too)
 };
 
 // Bytes of CudaWorkspace for a layout (one allocation, carved by carve_workspace).
 int64_t workspace_bytes(const Layout& layout);
 CudaWorkspace carve_workspace(void* base, const Layout& layout);
 
+// Dynamic shared memory per block of each op's kernel for a layout. prepare_kernels (once per buffer, outside any
+// stream capture) raises both kernels' limit to what the device allows a block, and returns cudaErrorInvalidValue
+// if the layout needs more than that (too many experts times max_tokens / 32).
+size_t dispatch_smem_bytes(const Layout& layout);
+size_t combine_smem_bytes(const Layout& layout);
+cudaError_t prepare_dispatch_kernel(int max_dynamic_smem, size_t smem, int* blocks_per_sm);
+cudaError_t prepare_combine_kernel(int max_dynamic_smem, size_t smem, int* blocks_per_sm);
+// Also returns each op's resident blocks per multiprocessor for this layout (indexed by OpIndex).
+cudaError_t prepare_kernels(const Layout& layout, int device, int blocks_per_sm[kNumOps]);
+
 // g.group.phases selects the halves; the split forms pass their tickets (device int32[1]) in g.group.ticket_out /
 // ticket_in: the send half writes the call's sequence number (low 31 bits), the receive half checks it.
 cudaError_t run_dispatch(const CudaGroup& g, const DispatchArgs& args, cudaStream_t stream);
 cudaError_t run_combine(const CudaGroup& g, const CombineArgs& args, cudaStream_t stream);
+
+// Benchmarks only: writes the device's %globaltimer (ns) as two uint32 words (low, high) into out[0..1] when the
+// stream reaches it.
+cudaError_t record_timestamp(uint32_t* out, cudaStream_t stream);
 
 // NVSHMEM device state of this module (nvshmem4py initializes only the host library; see
 // shared/reference/jax-ffi-nvshmem-facts.md section 5). Reference counted by NVSHMEM itself.

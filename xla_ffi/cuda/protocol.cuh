@@ -28,6 +28,9 @@ __device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* p) {
 __device__ __forceinline__ void store_release_sys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
+__device__ __forceinline__ void store_relaxed_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
 __device__ __forceinline__ uint32_t atomic_add_release_gpu(uint32_t* p, uint32_t v) {
   uint32_t old;
   asm volatile("atom.add.release.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
@@ -101,7 +104,8 @@ __device__ __forceinline__ bool receive_matches(const CallState& cs, OpKind kind
 }
 
 // "Last block out": every block counts itself out after its work; the last one (which therefore runs after every
-// block has read RankState at entry) applies `update`, then re-arms the counter for the next launch.
+// block has read RankState at entry and has left its work loops) applies `update`, then re-arms the counter for
+// the next launch.
 template <typename Update>
 __device__ __forceinline__ void finish_kernel(uint32_t* done, Update update) {
   __syncthreads();  // the whole block's work (and its reads of RankState) precede the count below
@@ -205,6 +209,39 @@ __device__ __forceinline__ int find_bucket(const int32_t* base, int n, int32_t m
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Work queues. The send half's items are claimed from a counter in device memory instead of being assigned to
+// blocks by index: a block that reaches the receive half (and spins there) has found the queue empty, so every send
+// item is already owned by a running warp that finishes it without waiting on anything. The fused kernels therefore
+// never depend on a block that is not yet resident (MPS shares, other streams), whatever the grid size. The last
+// block out re-arms the counter.
+// ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t warp_claim(uint32_t* queue) {
+  uint32_t item = 0;
+  if (lane_id() == 0) item = atomicAdd(queue, 1u);  // relaxed: the claim orders no data
+  return __shfl_sync(0xffffffffu, item, 0);
+}
+
+// Warp copy of n 16-byte words with kBatch loads in flight per lane before the first store. Plain loads (not the
+// read-only path): the source may be symmetric memory that peers wrote during this kernel.
+template <int kBatch = 8>
+__device__ __forceinline__ void warp_copy16(int4* dst, const int4* src, int64_t n) {
+  const int lane = lane_id();
+  for (int64_t base = 0; base < n; base += kBatch * kWarp) {
+    int4 v[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int64_t i = base + j * kWarp + lane;
+      if (i < n) v[j] = src[i];
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int64_t i = base + j * kWarp + lane;
+      if (i < n) dst[i] = v[j];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Moving bytes to a peer. `peer_base` is the peer's region as this process addresses it (nvshmem_ptr), or null when
 // the peer is reached by NVSHMEM puts; `local_base` is this rank's region, whose offsets are symmetric addresses.
 // ---------------------------------------------------------------------------------------------------------------
@@ -217,10 +254,7 @@ struct PeerRef {
 __device__ __forceinline__ void warp_copy_to_peer(const PeerRef& peer, uint8_t* local_base, int64_t dst_offset,
                                                   const uint8_t* src, int64_t bytes) {
   if (peer.peer_base != nullptr) {
-    const int4* s = reinterpret_cast<const int4*>(src);
-    int4* d = reinterpret_cast<int4*>(peer.peer_base + dst_offset);
-    const int64_t n = bytes / 16;
-    for (int64_t i = lane_id(); i < n; i += kWarp) d[i] = __ldg(s + i);
+    warp_copy16(reinterpret_cast<int4*>(peer.peer_base + dst_offset), reinterpret_cast<const int4*>(src), bytes / 16);
   } else {
     nvshmemx_putmem_nbi_warp(local_base + dst_offset, src, static_cast<size_t>(bytes), peer.pe);
   }
@@ -251,6 +285,18 @@ __device__ __forceinline__ void send_signal(const PeerRef& peer, uint8_t* local_
   } else {
     // quiet: the puts issued so far are complete (delivered) before the signal is issued.
     nvshmem_quiet();
+    nvshmemx_signal_op(reinterpret_cast<uint64_t*>(local_base + slot_offset), value, NVSHMEM_SIGNAL_SET, peer.pe);
+  }
+}
+
+// A signal that announces no data ("0 tokens/rows from this rank in this call"): there is nothing to order before
+// it, so a relaxed store (no fence, no quiet) suffices. Its call identity is the epoch inside the word; reuse safety
+// needs no fence either, since the reads of the previous call on this buffer finished with that call's kernel.
+__device__ __forceinline__ void send_empty_signal(const PeerRef& peer, uint8_t* local_base, int64_t slot_offset,
+                                                  uint64_t value) {
+  if (peer.peer_base != nullptr) {
+    store_relaxed_sys(reinterpret_cast<uint64_t*>(peer.peer_base + slot_offset), value);
+  } else {
     nvshmemx_signal_op(reinterpret_cast<uint64_t*>(local_base + slot_offset), value, NVSHMEM_SIGNAL_SET, peer.pe);
   }
 }

@@ -7,31 +7,39 @@
 namespace jax_ll_ep {
 namespace {
 
-int64_t pair_slots(const Layout& l) {
-  const int64_t experts = static_cast<int64_t>(l.num_local_experts) * l.num_ranks;
-  return experts > l.num_pairs() ? experts : l.num_pairs();
-}
+int64_t num_experts(const Layout& l) { return static_cast<int64_t>(l.num_local_experts) * l.num_ranks; }
 
 }  // namespace
 
 int64_t workspace_bytes(const Layout& l) {
-  const int64_t experts = static_cast<int64_t>(l.num_local_experts) * l.num_ranks;
-  return align_up(kNumDoneCounters * 4, kRegionAlign) + align_up(experts * 4, kRegionAlign) +
-         align_up(experts * l.max_tokens * 4, kRegionAlign) + align_up(pair_slots(l) * 4, kRegionAlign);
+  return 2 * align_up(kNumOps * 4, kRegionAlign) + align_up(num_experts(l) * 4, kRegionAlign) +
+         align_up(static_cast<int64_t>(l.max_tokens) * kMaxTopk * 4, kRegionAlign);
 }
 
 CudaWorkspace carve_workspace(void* base, const Layout& l) {
-  const int64_t experts = static_cast<int64_t>(l.num_local_experts) * l.num_ranks;
   uint8_t* p = static_cast<uint8_t*>(base);
   CudaWorkspace w;
   w.done = reinterpret_cast<uint32_t*>(p);
-  p += align_up(kNumDoneCounters * 4, kRegionAlign);
-  w.expert_count = reinterpret_cast<int32_t*>(p);
-  p += align_up(experts * 4, kRegionAlign);
-  w.expert_list = reinterpret_cast<int32_t*>(p);
-  p += align_up(experts * l.max_tokens * 4, kRegionAlign);
+  p += align_up(kNumOps * 4, kRegionAlign);
+  w.queue = reinterpret_cast<uint32_t*>(p);
+  p += align_up(kNumOps * 4, kRegionAlign);
   w.pair_sent = reinterpret_cast<uint32_t*>(p);
+  p += align_up(num_experts(l) * 4, kRegionAlign);
+  w.self_row = reinterpret_cast<int32_t*>(p);
   return w;
+}
+
+cudaError_t prepare_kernels(const Layout& l, int device, int blocks_per_sm[kNumOps]) {
+  int limit = 0;
+  cudaError_t e = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return e;
+  // The kernels use no static shared memory, so the whole per-block allowance may be dynamic.
+  if (dispatch_smem_bytes(l) > static_cast<size_t>(limit) || combine_smem_bytes(l) > static_cast<size_t>(limit)) {
+    return cudaErrorInvalidValue;
+  }
+  e = prepare_dispatch_kernel(limit, dispatch_smem_bytes(l), &blocks_per_sm[kOpDispatch]);
+  if (e != cudaSuccess) return e;
+  return prepare_combine_kernel(limit, combine_smem_bytes(l), &blocks_per_sm[kOpCombine]);
 }
 
 int nvshmem_module_init() {

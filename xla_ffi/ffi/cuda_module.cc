@@ -9,6 +9,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -294,6 +295,19 @@ ffi::Error combine_recv_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer tic
   return launch_and_report(*b, buffer_id, [&] { return run_combine(g, a, stream); });
 }
 
+// Benchmarks: the device time at this point of the buffer's call sequence. `dep` only orders the stamp after the
+// values it is computed from (the benchmarks pass a scalar that depends on the previous call's results).
+ffi::Error timestamp_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer dep, Out stamp, ffi::Result<ffi::Token>,
+                          int64_t buffer_id) {
+  JLE_RETURN_IF_ERROR(check_dims("stamp", stamp->dimensions(), {2}));
+  JLE_RETURN_IF_ERROR(check_type("stamp", stamp->element_type(), ffi::DataType::S32));
+  const cudaError_t status = record_timestamp(static_cast<uint32_t*>(stamp->untyped_data()), stream);
+  if (status != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_ll_ep: timestamp launch failed: ") + cudaGetErrorString(status));
+  }
+  return ffi::Error::Success();
+}
+
 #undef JLE_RETURN_IF_ERROR
 
 auto bind() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Arg<ffi::Token>(); }
@@ -366,6 +380,9 @@ XLA_FFI_DEFINE_HANDLER(kCombineRecv, combine_recv_impl,
                            .Ret<ffi::Token>()
                            .Attr<int64_t>("buffer_id"),
                        {kTraits});
+XLA_FFI_DEFINE_HANDLER(kTimestamp, timestamp_impl,
+                       bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::Token>().Attr<int64_t>("buffer_id"),
+                       {kTraits});
 
 // ---------------------------------------------------------------------------------------------------------------
 // Python bindings
@@ -400,6 +417,16 @@ void register_buffer(int64_t handle, int device, int32_t num_ranks, int32_t num_
     if (g_buffers.count(handle)) throw std::invalid_argument("jax_ll_ep: buffer handle registered twice");
   }
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  int blocks_per_sm[kNumOps] = {1, 1};
+  const cudaError_t prepared = prepare_kernels(l, device, blocks_per_sm);
+  if (prepared != cudaSuccess) {
+    cudaGetLastError();  // clear the (non-sticky) error of the failed call
+    throw std::invalid_argument(
+        "jax_ll_ep: cannot prepare the cuda kernels (" + std::string(cudaGetErrorString(prepared)) +
+        "): for num_experts=" + std::to_string(num_experts) + " and max_tokens_per_rank=" + std::to_string(max_tokens) +
+        " a block needs " + std::to_string(std::max(dispatch_smem_bytes(l), combine_smem_bytes(l))) +
+        " bytes of shared memory; if that is more than this GPU allows, lower max_tokens_per_rank or num_experts");
+  }
   auto b = std::make_unique<BufferEntry>();
   b->device = device;
   int sms = 0;
@@ -436,6 +463,7 @@ void register_buffer(int64_t handle, int device, int32_t num_ranks, int32_t num_
   g.workspace = carve_workspace(b->workspace, l);
   g.error_flag = device_flag;
   g.num_sms = sms;
+  for (int op = 0; op < kNumOps; ++op) g.max_blocks[op] = sms * (blocks_per_sm[op] > 0 ? blocks_per_sm[op] : 1);
   g.use_put = use_put ? 1 : 0;
   std::lock_guard<std::mutex> lock(g_mutex);
   g_buffers[handle] = std::move(b);
@@ -539,6 +567,7 @@ NB_MODULE(_jax_ll_ep_cuda, m) {
     d["jax_ll_ep_combine"] = handler_capsule(kCombine);
     d["jax_ll_ep_combine_send"] = handler_capsule(kCombineSend);
     d["jax_ll_ep_combine_recv"] = handler_capsule(kCombineRecv);
+    d["jax_ll_ep_timestamp"] = handler_capsule(kTimestamp);  // benchmarks/ only
     return d;
   });
   m.def(
