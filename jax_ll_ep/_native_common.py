@@ -8,7 +8,7 @@ import numpy as np
 from .errors import JaxLlEpError, ProtocolTimeoutError, RoutingError, SequenceMismatchError
 
 # ErrorCode in layout.h
-_OK, _TIMEOUT, _MISMATCH, _INVALID_EXPERT, _DUPLICATE_EXPERT, _SPLIT_MISUSE, _INVALID_HANDLE = range(7)
+_OK, _TIMEOUT, _MISMATCH, _INVALID_EXPERT, _DUPLICATE_EXPERT, _SPLIT_MISUSE, _INVALID_HANDLE, _UNUSABLE = range(8)
 _KIND_NAMES = {1: "dispatch", 2: "combine"}
 
 
@@ -92,12 +92,26 @@ def describe(rec: dict) -> str:
             f"{where}: the dispatch handle passed to combine does not match the receive layout or topk_idx "
             "(pass the handle returned by the matching dispatch unchanged)"
         )
+    if code == _UNUSABLE:
+        cause = "timed out" if rec["detail"] == _TIMEOUT else "saw a sequence mismatch"
+        return (
+            f"{where}: refused, nothing sent: an earlier call on this buffer {cause}, so the ranks' calls can no "
+            "longer be matched; close the buffer and create a new one"
+        )
     return f"{where}: error code {code}"
 
 
 # Which record check() raises when several ranks hold one: the root cause first. A rank that detected a sequence
 # mismatch explains why its peers timed out; timeouts are the least specific.
-_PRIORITY = {_MISMATCH: 0, _INVALID_EXPERT: 1, _DUPLICATE_EXPERT: 1, _INVALID_HANDLE: 2, _SPLIT_MISUSE: 3, _TIMEOUT: 4}
+_PRIORITY = {
+    _MISMATCH: 0,
+    _INVALID_EXPERT: 1,
+    _DUPLICATE_EXPERT: 1,
+    _INVALID_HANDLE: 2,
+    _SPLIT_MISUSE: 3,
+    _TIMEOUT: 4,
+    _UNUSABLE: 5,
+}
 
 
 def exception(backend: str, records: list[dict]) -> JaxLlEpError:

@@ -522,6 +522,15 @@ def test_timeout_names_the_missing_rank_and_a_new_buffer_works():
         assert err.value.op == "dispatch" and err.value.seq == 2
         assert set(err.value.missing) == {(3, e) for e in range(e_l)}
         buf.check()  # the record was cleared
+        # ...but the buffer stays unusable: ranks 0-2 are a call ahead of rank 3, and a further send could land in a
+        # region rank 3 still reads as its own (verification/: limit-retry-silent). Every rank refuses at once.
+        _cpu_backend.clear_test_hooks(buf)
+        start = time.monotonic()
+        with pytest.raises(jax.errors.JaxRuntimeError, match="close the buffer and create a new one|nothing was sent"):
+            jax.block_until_ready(testing.run_dispatch(buf, xs, topks))
+        assert time.monotonic() - start < timeout_s, "the refusal must not wait for peers"
+        with pytest.raises(ep.JaxLlEpError, match="refused, nothing sent: an earlier call on this buffer timed out"):
+            buf.check()
     finally:
         buf.close()
     with _fresh_buffer(case, timeout_s=timeout_s) as again:  # the process is still usable

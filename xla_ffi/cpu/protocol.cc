@@ -179,6 +179,9 @@ class Call {
         }
       }
       state_->error_count += 1;
+      if (fault.code == ErrorCode::kTimeout || fault.code == ErrorCode::kSequenceMismatch) {
+        state_->unusable = static_cast<uint32_t>(fault.code);  // sticky: see RankState::unusable
+      }
     }
     return Status{fault.code, fault.message};
   }
@@ -192,8 +195,27 @@ class Call {
 
   // ---- call lifecycle on RankState (owned by this rank; only this rank's calls touch it) ----
 
-  // Send half: the call's sequence number, or 0 if a call is still open (then the send must not run).
-  uint64_t begin_send() const { return state_->open_seq != 0 ? 0 : state_->seq + 1; }
+  // Send half: sets *seq to the call's sequence number, or refuses before anything is written to a peer: when a
+  // call is still open (split misuse), or when an earlier timeout or sequence mismatch left this rank's call
+  // sequence out of step with its peers' (RankState::unusable).
+  Status begin_send(uint64_t* seq) const {
+    if (state_->unusable != 0) {
+      Fault fault;
+      fault.note(ErrorCode::kBufferUnusable, state_->unusable, -1, -1,
+                 where(state_->seq + 1) +
+                     ": an earlier call on this buffer timed out or saw a sequence mismatch, so the ranks' calls "
+                     "can no longer be matched; nothing was sent. Close the buffer and create a new one");
+      return fail(state_->seq + 1, fault);
+    }
+    if (state_->open_seq != 0) {
+      return misuse(state_->open_seq,
+                    format("a send while call seq=%llu (%s) is still open; call its receive half before the next "
+                           "send on this buffer",
+                           static_cast<ull>(state_->open_seq), kind_name(static_cast<OpKind>(state_->open_kind))));
+    }
+    *seq = state_->seq + 1;
+    return {};
+  }
 
   // After the send half: the call is open until its receive half closes it. A fault found while sending (routing,
   // handle) is kept for the receive half to report once the protocol has completed.
@@ -394,14 +416,8 @@ void stage_message(const Layout& layout, const DispatchArgs& a, int32_t token, u
 
 Status dispatch_send(const Call& call, const GroupArgs& g, const DispatchArgs& a) {
   const Layout& layout = call.layout();
-  const uint64_t seq = call.begin_send();
-  if (seq == 0) {
-    const RankState* st = call.state();
-    return call.misuse(st->open_seq,
-                       format("a send while call seq=%llu (%s) is still open; call its receive half "
-                              "before the next send on this buffer",
-                              static_cast<ull>(st->open_seq), kind_name(static_cast<OpKind>(st->open_kind))));
-  }
+  uint64_t seq = 0;
+  if (Status refused = call.begin_send(&seq); !refused.ok()) return refused;
   const int parity = parity_of(seq);
   const int32_t e_local = layout.num_local_experts;
   const int32_t num_experts = layout.num_ranks * e_local;
@@ -505,14 +521,8 @@ Status dispatch_recv(const Call& call, const DispatchArgs& a) {
 // ---------------------------------------------------------------------------------------------------------------
 Status combine_send(const Call& call, const GroupArgs& g, const CombineArgs& a) {
   const Layout& layout = call.layout();
-  const uint64_t seq = call.begin_send();
-  if (seq == 0) {
-    const RankState* st = call.state();
-    return call.misuse(st->open_seq,
-                       format("a send while call seq=%llu (%s) is still open; call its receive half "
-                              "before the next send on this buffer",
-                              static_cast<ull>(st->open_seq), kind_name(static_cast<OpKind>(st->open_kind))));
-  }
+  uint64_t seq = 0;
+  if (Status refused = call.begin_send(&seq); !refused.ok()) return refused;
   const int parity = parity_of(seq);
   const int32_t num_ranks = layout.num_ranks;
   const int32_t max_tokens = layout.max_tokens;

@@ -62,6 +62,8 @@ const char* error_name(uint32_t code) {
       return "split send/recv misuse";
     case ErrorCode::kInvalidHandle:
       return "combine handle inconsistent with the dispatch";
+    case ErrorCode::kBufferUnusable:
+      return "send refused: an earlier call timed out or saw a sequence mismatch";
   }
   return "unknown error";
 }

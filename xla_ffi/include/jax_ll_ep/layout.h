@@ -115,6 +115,8 @@ enum class ErrorCode : uint32_t {
                           // of the other op kind); nothing was written to peers
   kInvalidHandle = 6,     // combine: a handle entry outside the receive layout (skipped), or a peer's row count
                           // that disagrees with this rank's topk_idx (the handle is not from the same dispatch)
+  kBufferUnusable = 7,    // a send on a buffer whose earlier call timed out or saw a sequence mismatch: refused,
+                          // nothing written (peers may be in another call; see RankState::unusable)
 };
 
 struct RankState {
@@ -137,7 +139,11 @@ struct RankState {
   int32_t open_error_token;
   int64_t open_error_detail;
   int32_t open_error_topk_pos;
-  uint32_t reserved0;
+  // Sticky: the ErrorCode (kTimeout or kSequenceMismatch) after which this rank's call sequence can no longer be
+  // trusted to match its peers'. Never cleared by check(): every later send is refused before writing to a peer,
+  // because a peer still in an earlier call could otherwise read this rank's newer data as its own
+  // (verification/: limit-retry-silent). Close the buffer and create a new one.
+  uint32_t unusable;
   uint64_t reserved[5];
 };
 static_assert(sizeof(RankState) == 128, "RankState must stay 128 bytes");
