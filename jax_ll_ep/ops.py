@@ -120,10 +120,18 @@ def _check_layout(buf: Buffer, op: str, name: str, arr, dtype, trailing: tuple[i
     return arr
 
 
+def _check_expert_outputs(buf: Buffer, op: str, y) -> jax.Array:
+    """combine's y: bfloat16 in the dispatch layout (float32 is cast, as for dispatch's x)."""
+    y = jnp.asarray(y)
+    if y.dtype == jnp.float32:
+        y = y.astype(jnp.bfloat16)
+    return _check_layout(buf, op, "y", y, jnp.bfloat16, (buf.hidden,))
+
+
 def _check_handle(buf: Buffer, op: str, handle) -> DispatchHandle:
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"{op}: handle must be the DispatchHandle returned by dispatch, got {type(handle).__name__}")
-    e_l, rows = buf.num_local_experts, buf.config.recv_rows
+    e_l = buf.num_local_experts
     _check_layout(buf, op, "handle.src_info", handle.src_info, jnp.int32, ())
     _check_layout(buf, op, "handle.src_topk_pos", handle.src_topk_pos, jnp.int32, ())
     lr = jnp.asarray(handle.layout_range)
@@ -131,7 +139,6 @@ def _check_handle(buf: Buffer, op: str, handle) -> DispatchHandle:
         raise ValueError(
             f"{op}: handle.layout_range must be int32 [{e_l}, {buf.num_ranks}, 2], got {lr.dtype}{tuple(lr.shape)}"
         )
-    del rows
     return handle
 
 
@@ -158,14 +165,7 @@ def combine(buf: Buffer, y, topk_idx, topk_weights, handle: DispatchHandle):
     """Sends expert outputs back to their source tokens and reduces them: ``out[t] = sum_k w[t,k] * y[slot(t,k)]``
     over valid k, in float32, in k order. Returns ``out`` [n, H] bfloat16."""
     _check_context(buf, "combine")
-    y = _check_layout(
-        buf,
-        "combine",
-        "y",
-        jnp.asarray(y).astype(jnp.bfloat16) if jnp.asarray(y).dtype == jnp.float32 else y,
-        jnp.bfloat16,
-        (buf.hidden,),
-    )
+    y = _check_expert_outputs(buf, "combine", y)
     topk_idx = jnp.asarray(topk_idx)
     if topk_idx.ndim != 2:
         raise ValueError(f"combine: topk_idx must have shape [n, K], got {tuple(topk_idx.shape)}")
@@ -222,7 +222,7 @@ def dispatch_recv(buf: Buffer, pending: DispatchPending):
 def combine_send(buf: Buffer, y, topk_idx, topk_weights, handle: DispatchHandle) -> CombinePending:
     """The send half of combine. Call combine_recv before the next send on ``buf``."""
     _check_context(buf, "combine_send")
-    y = _check_layout(buf, "combine_send", "y", y, jnp.bfloat16, (buf.hidden,))
+    y = _check_expert_outputs(buf, "combine_send", y)
     topk_idx = jnp.asarray(topk_idx)
     if topk_idx.ndim != 2:
         raise ValueError(f"combine_send: topk_idx must have shape [n, K], got {tuple(topk_idx.shape)}")
