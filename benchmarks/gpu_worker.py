@@ -313,8 +313,10 @@ def local_stamps(arr) -> np.ndarray:
 
 
 def measure(fn, args, *, executions: int, warmup_calls: int) -> dict:
-    """Runs the program; returns per-op samples (ns) from executions 2.. and calls past warm-up."""
+    """Runs the program; returns per-op samples (ns) from executions 2.. and calls past warm-up, and the last
+    execution's stamps."""
     d, c = [], []
+    ns = np.zeros((0,), np.int64)
     for e in range(executions + 1):
         ns = local_stamps(jax.block_until_ready(fn(*args)))
         if e == 0:
@@ -322,7 +324,36 @@ def measure(fn, args, *, executions: int, warmup_calls: int) -> dict:
         diffs = np.diff(ns)
         d += diffs[0::2][warmup_calls:].tolist()
         c += diffs[1::2][warmup_calls:].tolist()
-    return {"dispatch_ns": d, "combine_ns": c}
+    return {"dispatch_ns": d, "combine_ns": c, "last_stamps_ns": ns}
+
+
+TRACE_MARKS = ("entry", "tables", "sent", "arrived", "received", "exit")
+
+
+def phase_trace(buf, stamps_ns: np.ndarray, warmup_calls: int) -> dict:
+    """With JAX_LL_EP_TRACE=1: where the time of each op of the last execution went (median us per phase). The
+    kernels' rows (xla_ffi/cuda/launch.h) give block 0's phase boundaries and the last block's exit; the stamps
+    around the op give the launch gap before entry and the gap after exit."""
+    module = _cuda_backend._module
+    rows, marks = module.trace_shape()
+    trace = np.frombuffer(module.read_trace(buf.handle), np.uint64).reshape(rows, marks).astype(np.int64)
+    last_seq = int(module.read_state(buf.handle)["seq"])
+    ops = len(stamps_ns) - 1
+    out: dict = {}
+    for i in range(2 * warmup_calls, ops):
+        seq = last_seq - ops + 1 + i
+        row = trace[seq % rows]
+        if row[0] >> 8 != seq:
+            continue
+        kind = "dispatch" if row[0] & 0xFF == 1 else "combine"
+        points = [("stamp", int(stamps_ns[i]))] + [
+            (name, int(row[j + 1])) for j, name in enumerate(TRACE_MARKS) if row[j + 1] != 0
+        ]
+        points.append(("next stamp", int(stamps_ns[i + 1])))
+        phases = out.setdefault(kind, {})
+        for (a, ta), (b, tb) in zip(points, points[1:], strict=False):
+            phases.setdefault(f"{a} -> {b}", []).append((tb - ta) / 1e3)
+    return {k: {name: float(np.median(v)) for name, v in ph.items()} for k, ph in out.items()}
 
 
 def copy_bandwidth(m: Mesh) -> dict:
@@ -431,7 +462,12 @@ def main() -> None:
                 )
                 fields = tuple(inputs)
                 fn = program(m, meth, order_id, CFG["calls"], CFG["sets"], fields, native=name == "cuda")
-                entry.update(measure(fn, (inputs,), executions=CFG["executions"], warmup_calls=CFG["warmup_calls"]))
+                timed = measure(fn, (inputs,), executions=CFG["executions"], warmup_calls=CFG["warmup_calls"])
+                last_stamps = timed.pop("last_stamps_ns")
+                entry.update(timed)
+                if name == "cuda" and os.environ.get("JAX_LL_EP_TRACE") == "1" and not DRY_RUN:
+                    entry["trace_us"] = phase_trace(buf, last_stamps, CFG["warmup_calls"])
+                    log(f"trace T={t_max}: {json.dumps(entry['trace_us'])}")
                 if buf is not None:
                     buf.check()
                 del inputs

@@ -28,6 +28,11 @@ share of pairs owned by other ranks:
 region; one rank's own rows need not). With R ranks on one GPU the floor is R times one rank's bytes.
 
 Writes OUT_DIR/<card>-<date>[-label].json, the PNG plot beside it and a Markdown table (printed and written as .md).
+
+Where the time goes: with JAX_LL_EP_TRACE=1 in the environment the cuda buffers record the kernels' phase trace
+(xla_ffi/cuda/launch.h), and each cuda row of the JSON gets ``trace_us``: per op, the median time from the stamp
+before the call to block 0's entry, between block 0's phase boundaries (routing tables built, send loop left, every
+signal seen, its share of the outputs written), to the last block's exit and on to the next stamp.
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +52,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+from jax_ll_ep.testing import free_port, launch_ranks  # noqa: E402
+
 RESULTS = HERE / "results"
 METHODS = ("cuda", "xla", "jax_packed", "jax_padded", "ragged_a2a")
 
@@ -80,12 +87,6 @@ def stats_us(samples_ns: list[float], overhead_ns: float) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Processes and MPS
 # ---------------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Mps:
     """The CUDA MPS control daemon with private pipe/log folders, so several rank processes share the GPU
     concurrently (their spin-waiting kernels need to run at the same time)."""
@@ -124,33 +125,18 @@ def run_workers(ranks: int, config: dict, out_dir: Path, extra_env: dict, timeou
     if ranks > 1:
         env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(100 // ranks, 1))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    port = _free_port()
-    procs, logs = [], []
-    for r in range(ranks):
-        log = open(out_dir / f"rank{r}.log", "w")
-        logs.append(log)
-        cmd = [sys.executable, str(HERE / "gpu_worker.py"), str(cfg_path), str(r), str(ranks), str(port), str(out_dir)]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-    deadline, failed_at = time.time() + timeout_s, None
-    while any(p.poll() is None for p in procs):
-        if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
-            failed_at = time.time()
-        if time.time() > deadline or (failed_at is not None and time.time() > failed_at + 20):
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-            break
-        time.sleep(0.2)
-    codes = [p.wait() for p in procs]
-    for log in logs:
-        log.close()
+    port = free_port()
+    worker = [sys.executable, str(HERE / "gpu_worker.py"), str(cfg_path)]
+    commands = [[*worker, str(r), str(ranks), str(port), str(out_dir)] for r in range(ranks)]
+    # A failed rank leaves the others 20 s to write their own results before they are killed.
+    run = launch_ranks(commands, log_dir=out_dir, deadline_s=timeout_s, env=env, grace_s=20.0)
     results = []
     for r in range(ranks):
         path = out_dir / f"rank{r}.json"
         res = json.loads(path.read_text()) if path.exists() else {"rank": r, "runs": [], "errors": []}
-        res["exit_code"] = codes[r]
-        if codes[r] != 0:
-            res["log_tail"] = (out_dir / f"rank{r}.log").read_text(errors="replace")[-3000:]
+        res["exit_code"] = run.returncodes[r]
+        if run.returncodes[r] != 0:
+            res["log_tail"] = run.logs[r][-3000:]
         results.append(res)
     return results
 

@@ -496,7 +496,8 @@ def check_sequence_mismatch():
 
 def check_timeout():
     """Rank 0 skips a dispatch: the others' calls stop after timeout_s and raise ProtocolTimeoutError naming rank
-    0's (rank, local expert) pairs; the processes stay usable (a new buffer works)."""
+    0's (rank, local expert) pairs; their next send on that buffer is refused; the processes stay usable (a new
+    buffer works)."""
     if R < 2:
         return
     with make_buffer(num_experts=2 * R, max_tokens=8, hidden=128, timeout_s=2.0) as buf:
@@ -513,6 +514,15 @@ def check_timeout():
             else:
                 raise AssertionError("no ProtocolTimeoutError")
             assert time.time() - t0 < 60, "the timed-out call took far longer than timeout_s"
+            # The buffer stays unusable (RankState::unusable): this rank is a call ahead of rank 0, so a further
+            # send is refused before it writes anything to a peer.
+            run_allowing_failure(dispatch_fn(buf, None), shard(buf, xs), shard(buf, topks))
+            try:
+                buf.check()
+            except ep.JaxLlEpError as exc:
+                assert "close the buffer" in str(exc), str(exc)
+            else:
+                raise AssertionError("a send after a timeout was not refused")
     with make_buffer(num_experts=2 * R, max_tokens=8, hidden=128) as buf:
         rng, xs, topks, ws = make_inputs(1801, num_ranks=R, n=8, hidden=128, topk=2, num_experts=2 * R)
         check_dispatch_combine(buf, xs, topks, ws, rng, where="after timeout")

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
+
+from jax_ll_ep.testing import free_port, launch_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multiprocess]
 
@@ -51,12 +50,6 @@ SUITE_TIMEOUT_S = float(os.environ.get("JAX_LL_EP_GPU_SUITE_TIMEOUT", "420"))
 SELECTED = [c for c in os.environ.get("JAX_LL_EP_GPU_CHECKS", "").split(",") if c] or CHECKS
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker_env(num_ranks: int) -> dict:
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -74,45 +67,25 @@ def worker_env(num_ranks: int) -> dict:
 
 
 def run_ranks(num_ranks: int, out_dir: str, checks=(), *, timeout_s: float = SUITE_TIMEOUT_S, prefix=()) -> dict:
-    """Starts one worker process per rank and waits for all of them (shared fate: when one exits with an error,
-    or the deadline passes, the others are killed). Returns {"returncodes", "results": {rank: {check: ...}},
-    "logs": {rank: tail}}."""
-    os.makedirs(out_dir, exist_ok=True)
-    port = _free_port()
-    env = worker_env(num_ranks)
-    procs, logs = [], []
-    for r in range(num_ranks):
-        log = open(os.path.join(out_dir, f"rank{r}.log"), "w")
-        logs.append(log)
-        cmd = [*prefix, sys.executable, WORKER, str(r), str(num_ranks), str(port), out_dir, *checks]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-    deadline = time.time() + timeout_s
-    failed_at = None
-    while True:
-        codes = [p.poll() for p in procs]
-        if all(c is not None for c in codes):
-            break
-        if failed_at is None and any(c not in (None, 0) for c in codes):
-            failed_at = time.time()
-        # a rank died: give the others a moment to finish on their own, then end them
-        if time.time() > deadline or (failed_at is not None and time.time() > failed_at + 20):
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-            break
-        time.sleep(0.2)
-    codes = [p.wait() for p in procs]
-    for log in logs:
-        log.close()
-    results, tails = {}, {}
+    """Starts one worker process per rank (``prefix`` goes before each command line, e.g. a sanitizer) and waits
+    for all of them: shared fate (when one exits with an error, the others get 20 s to report their own results,
+    then are killed) and a deadline. Returns {"returncodes", "results": {rank: {check: ...}}, "logs": {rank: tail}}."""
+    port = free_port()
+    commands = [
+        [*prefix, sys.executable, WORKER, str(r), str(num_ranks), str(port), out_dir, *checks] for r in range(num_ranks)
+    ]
+    run = launch_ranks(commands, log_dir=out_dir, deadline_s=timeout_s, env=worker_env(num_ranks), grace_s=20.0)
+    results = {}
     for r in range(num_ranks):
         path = os.path.join(out_dir, f"rank{r}.json")
         if os.path.exists(path):
             with open(path) as f:
                 results[r] = json.load(f)
-        with open(os.path.join(out_dir, f"rank{r}.log"), errors="replace") as f:
-            tails[r] = f.read()[-3000:]
-    return {"returncodes": codes, "results": results, "logs": tails}
+    return {
+        "returncodes": run.returncodes,
+        "results": results,
+        "logs": dict(enumerate(log[-3000:] for log in run.logs)),
+    }
 
 
 _runs: dict[int, dict] = {}

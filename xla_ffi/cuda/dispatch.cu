@@ -34,8 +34,6 @@ constexpr float kAmaxFloor = 1e-4f;
 
 __device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 
-__host__ __device__ __forceinline__ int words_per_expert(const Layout& l) { return (l.max_tokens + 31) / 32; }
-
 // Scale and its inverse for one 128-channel block (the brief's exact float32 semantics, no FMA).
 __device__ __forceinline__ void fp8_scales(float amax, Fp8Mode mode, float& scale, float& inv) {
   if (mode == Fp8Mode::kFloatScale) {
@@ -170,42 +168,28 @@ __device__ __forceinline__ void chunk_ranges(const Layout& l, Fp8Mode mode, int 
 // ---------------------------------------------------------------------------------------------------------------
 // Step 0: per-block routing tables. mask[e][w] bit i: token 32w + i chose global expert e (its first occurrence in
 // the row; out-of-range ids and repeats count as -1); count[e]: the number of such tokens. Block 0 also records the
-// routing errors (the first bad entry of each bad row describes it).
+// routing errors (the first bad entry of each bad row describes it). When the whole topk_idx fits in one tile, the
+// tile stays in shared memory for the send items.
 // ---------------------------------------------------------------------------------------------------------------
-__device__ void build_routing_tables(const CudaGroup& g, const DispatchArgs& a, uint32_t* mask, int32_t* count,
-                                     uint64_t seq) {
+__device__ void build_routing_tables(const CudaGroup& g, const DispatchArgs& a, int32_t* tile, uint32_t* mask,
+                                     int32_t* count, uint64_t seq) {
   const Layout& l = g.group.layout;
   const int num_experts = l.num_local_experts * l.num_ranks;
   const int words = words_per_expert(l);
-  const int k_count = a.num_topk;
   for (int i = threadIdx.x; i < num_experts * words; i += blockDim.x) mask[i] = 0u;
-  __syncthreads();  // cleared before any thread sets a bit
-  for (int t = threadIdx.x; t < a.num_tokens; t += blockDim.x) {
-    const int32_t* row = a.topk_idx + static_cast<int64_t>(t) * k_count;
-    int bad_k = -1;
-    int32_t bad_id = 0;
-    bool bad_range = false;
-    for (int k = 0; k < k_count; ++k) {
-      const int32_t id = row[k];
-      if (id == -1) continue;
-      const bool in_range = id >= 0 && id < num_experts;
-      bool repeated = false;
-      for (int j = 0; in_range && j < k; ++j) repeated = repeated || row[j] == id;
-      if (in_range && !repeated) {
-        atomicOr(&mask[id * words + t / 32], 1u << (t % 32));
-      } else if (bad_k < 0) {
-        bad_k = k;
-        bad_id = id;
-        bad_range = !in_range;
-      }
-    }
-    if (bad_k >= 0 && blockIdx.x == 0) {
-      record_error(g.group.layout.state(g.local_region), g.error_flag,
-                   ErrorInfo{bad_range ? ErrorCode::kInvalidExpert : ErrorCode::kDuplicateExpert, OpKind::kDispatch,
-                             seq, bad_id, t, bad_k, 0});
-    }
-  }
-  __syncthreads();  // every bit set before the counts
+  // (the staging barrier inside orders the clearing before any bit is set)
+  for_each_topk_entry(a.topk_idx, a.num_tokens, a.num_topk, tile,
+                      [&](int t, int k, int32_t id, bool first, const int32_t* row) {
+                        if (id == -1) return;
+                        const bool in_range = id >= 0 && id < num_experts;
+                        if (in_range && first) {
+                          atomicOr(&mask[id * words + t / 32], 1u << (t % 32));
+                        } else if (blockIdx.x == 0 && first_bad_entry(row, k, num_experts)) {
+                          record_error(l.state(g.local_region), g.error_flag,
+                                       ErrorInfo{in_range ? ErrorCode::kDuplicateExpert : ErrorCode::kInvalidExpert,
+                                                 OpKind::kDispatch, seq, id, t, k, 0});
+                        }
+                      });
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
     int32_t c = 0;
     for (int w = 0; w < words; ++w) c += __popc(mask[e * words + w]);
@@ -214,14 +198,8 @@ __device__ void build_routing_tables(const CudaGroup& g, const DispatchArgs& a, 
   __syncthreads();  // the tables are complete for the whole block
 }
 
-__device__ __forceinline__ int32_t slot_of(const uint32_t* mask, int words, int e, int t) {
-  const uint32_t* m = mask + e * words;
-  int32_t s = __popc(m[t / 32] & ((1u << (t % 32)) - 1u));
-  for (int w = 0; w < t / 32; ++w) s += __popc(m[w]);
-  return s;
-}
-
 struct SendContext {
+  const int32_t* tile;  // topk_idx in shared memory when it fits one tile, else null
   const uint32_t* mask;
   const int32_t* count;
   uint64_t seq;
@@ -237,14 +215,14 @@ __device__ void send_token_chunk(const CudaGroup& g, const DispatchArgs& a, cons
   const int lane = lane_id();
   const int rank = g.group.rank;
   uint8_t* local = g.local_region;
-  const int32_t id = lane < a.num_topk ? a.topk_idx[static_cast<int64_t>(t) * a.num_topk + lane] : -1;
+  const int64_t entry = static_cast<int64_t>(t) * a.num_topk + lane;
+  const int32_t id = lane >= a.num_topk ? -1 : (sc.tile != nullptr ? sc.tile[entry] : a.topk_idx[entry]);
+  Chunk ch;
+  load_chunk(l, a, t, c, ch);                               // (its loads do not depend on the routing below)
   const uint32_t same = __match_any_sync(0xffffffffu, id);  // called by the whole warp (convergent)
   const bool valid = lane < a.num_topk && id >= 0 && id < num_experts && (same & lanemask_lt()) == 0u;
   const uint32_t entries = __ballot_sync(0xffffffffu, valid);
-  const int32_t slot = valid ? slot_of(sc.mask, words_per_expert(l), id, t) : 0;
-
-  Chunk ch;
-  load_chunk(l, a, t, c, ch);
+  const int32_t slot = valid ? slot_of(sc.mask + id * words_per_expert(l), t) : 0;
   const bool fp8 = a.fp8_mode != Fp8Mode::kNone;
   uint8_t* staged = Layout::payload(l.send_message(local, t));
   if (g.use_put) {
@@ -325,14 +303,18 @@ __device__ void signal_empty_experts(const CudaGroup& g, const SendContext& sc, 
 __device__ void send_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* smem, uint64_t seq, bool direct) {
   const Layout& l = g.group.layout;
   const int num_experts = l.num_local_experts * l.num_ranks;
-  uint32_t* mask = smem;                                                                  // [E][words]
-  int32_t* count = reinterpret_cast<int32_t*>(smem + num_experts * words_per_expert(l));  // [E]
-  build_routing_tables(g, a, mask, count, seq);
-  const SendContext sc{mask, count, seq, parity_of(seq), (l.hidden + kChunk - 1) / kChunk, direct};
+  int32_t* tile = reinterpret_cast<int32_t*>(smem);                                       // [kTopkTile]
+  uint32_t* mask = smem + kTopkTile;                                                      // [E][words]
+  int32_t* count = reinterpret_cast<int32_t*>(mask + num_experts * words_per_expert(l));  // [E]
+  build_routing_tables(g, a, tile, mask, count, seq);
+  trace_mark(g, seq, OpKind::kDispatch, kMarkTables);
+  const bool tile_holds_all = static_cast<int64_t>(a.num_tokens) * a.num_topk <= kTopkTile;
+  const SendContext sc{tile_holds_all ? tile : nullptr,  mask,  count, seq, parity_of(seq),
+                       (l.hidden + kChunk - 1) / kChunk, direct};
   const uint32_t token_items = static_cast<uint32_t>(a.num_tokens) * static_cast<uint32_t>(sc.chunks);
   const uint32_t items = token_items + static_cast<uint32_t>((num_experts + kWarp - 1) / kWarp);
   for (;;) {
-    const uint32_t item = warp_claim(&g.workspace.queue[kOpDispatch]);
+    const uint32_t item = warp_claim(call_queue(g, seq));
     if (item >= items) break;
     if (item < token_items) {
       send_token_chunk(g, a, sc, static_cast<int>(item / sc.chunks), static_cast<int>(item % sc.chunks));
@@ -340,6 +322,7 @@ __device__ void send_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
       signal_empty_experts(g, sc, static_cast<int>(item - token_items) * kWarp);
     }
   }
+  trace_mark(g, seq, OpKind::kDispatch, kMarkSent);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -356,16 +339,17 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
   uint8_t* local = g.local_region;
   const int parity = parity_of(seq);
   const int64_t rows = static_cast<int64_t>(num_ranks) * l.max_tokens;
-  const WaitContext w{
-      l.state(local), g.error_flag, l.missing(local), seq, OpKind::kDispatch, timeout_deadline(g.group.timeout_s),
-      l.max_tokens};
-  for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
-    const int e = p / num_ranks, r = p % num_ranks;
-    const int32_t c =
-        wait_signal(w, l.dispatch_signal(local, parity, e, r), l.combine_signal(local, parity, e, r), e, r, p);
-    count[p] = c < 0 ? 0 : c;
+  if (threadIdx.x < kWarp) {
+    const WaitContext w{
+        l.state(local), g.error_flag, l.missing(local), seq, OpKind::kDispatch, timeout_deadline(g.group.timeout_s),
+        l.max_tokens,   num_ranks,    num_ranks > 1};
+    warp_wait_signals(
+        w, num_pairs, [&](int p) { return l.dispatch_signal(local, parity, p / num_ranks, p % num_ranks); },
+        [&](int p) { return l.combine_signal(local, parity, p / num_ranks, p % num_ranks); }, count);
+    for (int p = threadIdx.x; p < num_pairs; p += kWarp) count[p] = count[p] < 0 ? 0 : count[p];
   }
-  block_exclusive_scan(count, base, num_pairs);  // its barrier orders the waits' acquires before the copies
+  block_exclusive_scan(count, base, num_pairs);  // its barrier orders warp 0's acquire before every copy below
+  trace_mark(g, seq, OpKind::kDispatch, kMarkArrived);
   if (blockIdx.x == 0) {
     for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
       const int first = (p / num_ranks) * num_ranks;
@@ -388,16 +372,16 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
     const int64_t out_row = static_cast<int64_t>(e) * rows + (base[p] - base[e * num_ranks]) + slot;
     uint8_t* msg = l.dispatch_message(local, parity, e, r, slot);
     if (lane == 0) {
-      const MessageHeader h = *Layout::header(msg);
-      a.src_info[out_row] = h.src_token;
-      a.src_topk_pos[out_row] = h.topk_pos;
+      const int4 h = __ldcg(reinterpret_cast<const int4*>(Layout::header(msg)));  // MessageHeader
+      a.src_info[out_row] = h.x;
+      a.src_topk_pos[out_row] = h.y;
     }
     warp_copy16(reinterpret_cast<int4*>(static_cast<uint8_t*>(a.recv_x) + out_row * row_bytes),
                 reinterpret_cast<const int4*>(Layout::payload(msg)), row_bytes / 16);
     if (!fp8) continue;
     const float* scales = l.fp8_scales(msg);
     for (int i = lane; i < num_scales; i += kWarp) {
-      const float s = scales[i];
+      const float s = __ldcg(scales + i);
       if (a.fp8_mode == Fp8Mode::kUe8m0Scale) {
         // a power of two: its biased exponent is the UE8M0 byte e + 127
         static_cast<uint8_t*>(a.recv_scale)[out_row * num_scales + i] =
@@ -407,6 +391,7 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
       }
     }
   }
+  trace_mark(g, seq, OpKind::kDispatch, kMarkReceived);
 }
 
 // Keeps a failed receive's outputs self-consistent (nothing received) so that no later op indexes with garbage.
@@ -420,42 +405,22 @@ __device__ void write_empty_layout(const Layout& l, const DispatchArgs& a) {
 }
 
 __global__ void __launch_bounds__(kThreads) dispatch_kernel(CudaGroup g, DispatchArgs a) {
-  extern __shared__ uint32_t smem[];
-  const Layout& l = g.group.layout;
-  RankState* state = l.state(g.local_region);
-  const CallState cs = read_call_state(state);
-  const bool send = (g.group.phases & kSendPhase) != 0, recv = (g.group.phases & kRecvPhase) != 0;
-  // A send half needs no call to be open; a receive half alone completes the open call of this kind (its ticket).
-  const bool proceed = send ? cs.open_seq == 0 : receive_matches(cs, OpKind::kDispatch, g.group.ticket_in);
-  const uint64_t seq = send ? cs.seq + 1 : cs.open_seq;
-  if (proceed) {
-    const bool direct = send && recv && g.group.rank == 0;
-    if (send) send_half(g, a, smem, seq, direct);
-    if (recv) {
+  extern __shared__ __align__(16) uint32_t smem[];
+  const CallPlan plan = enter_call(g, OpKind::kDispatch, reinterpret_cast<CallPlan*>(smem));
+  uint32_t* tables = smem + kPlanBytes / 4;
+  trace_mark(g, plan.seq, OpKind::kDispatch, kMarkEntry);
+  if (plan.refuse == ErrorCode::kOk) {
+    const bool direct = plan.send && plan.recv && g.group.rank == 0;
+    if (plan.send) send_half(g, a, tables, plan.seq, direct);
+    if (plan.recv) {
       __syncthreads();  // the block's send loop is over before its tables' memory is reused
-      recv_half(g, a, smem, seq, direct);
+      recv_half(g, a, tables, plan.seq, direct);
     }
   } else {
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-      record_error(state, g.error_flag,
-                   ErrorInfo{ErrorCode::kSplitMisuse, OpKind::kDispatch, cs.open_seq, 0, -1, -1, 0});
-      if (send && g.group.ticket_out != nullptr) *g.group.ticket_out = -1;  // its receive half reports misuse
-    }
-    if (recv) write_empty_layout(l, a);
+    refuse_call(g, OpKind::kDispatch, plan);
+    if (plan.recv) write_empty_layout(g.group.layout, a);
   }
-  finish_kernel(&g.workspace.done[kOpDispatch], [&] {
-    g.workspace.queue[kOpDispatch] = 0u;  // every block has left its claim loop
-    if (!proceed) return;
-    if (recv) {
-      state->seq = seq;
-      state->open_seq = 0;
-      state->open_kind = static_cast<uint32_t>(OpKind::kNone);
-    } else {
-      state->open_seq = seq;
-      state->open_kind = static_cast<uint32_t>(OpKind::kDispatch);
-      if (g.group.ticket_out != nullptr) *g.group.ticket_out = ticket_of(seq);
-    }
-  });
+  trace_exit(g, plan.seq);
 }
 
 }  // namespace
@@ -463,9 +428,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(CudaGroup g, Dispatc
 
 size_t dispatch_smem_bytes(const Layout& l) {
   const int64_t num_experts = static_cast<int64_t>(l.num_local_experts) * l.num_ranks;
-  const int64_t send = num_experts * cuda::words_per_expert(l) + num_experts;  // mask + count
-  const int64_t recv = 2 * l.num_pairs() + 1;                                  // count + base
-  return static_cast<size_t>(4 * (send > recv ? send : recv));
+  const int64_t send = cuda::kTopkTile + num_experts * cuda::words_per_expert(l) + num_experts;  // tile, mask, count
+  const int64_t recv = 2 * l.num_pairs() + 1;                                                    // count + base
+  return static_cast<size_t>(cuda::kPlanBytes + 4 * (send > recv ? send : recv));
 }
 
 cudaError_t prepare_dispatch_kernel(int max_dynamic_smem, size_t smem, int* blocks_per_sm) {

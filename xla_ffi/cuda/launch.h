@@ -24,10 +24,23 @@ namespace jax_ll_ep {
 
 // Per-buffer device scratch (plain cudaMalloc, not symmetric): written and read only by this rank's kernels.
 struct CudaWorkspace {
-  uint32_t* done;       // [kNumOps] "last block out" counters, one per op kernel
-  uint32_t* queue;      // [kNumOps] send-half work queues (re-armed by the last block out)
+  uint32_t* entered;    // [1] blocks of the running launch that have read the call state (protocol.cuh enter_call)
+  uint32_t* queue;      // [kNumParities] send-half work queues, by call parity (re-armed by the next call)
   uint32_t* pair_sent;  // [E] send items finished per destination pair (reset by the lane that completes it)
-  int32_t* self_row;    // [T][kMaxTopk] fused combine: the row of y holding this rank's own (token, k) output
+  uint64_t* trace;      // [kTraceRows][kTraceMarks] phase times of recent calls (CudaGroup::trace), else unused
+};
+// Phase trace (performance work only, JAX_LL_EP_TRACE=1 at buffer creation): block 0 records %globaltimer at the
+// phase boundaries of each call into row seq % kTraceRows; the last block out records the exit. Word 0 of a row is
+// (seq << 8) | OpKind, so a reader can tell which call a row belongs to.
+inline constexpr int kTraceRows = 64;
+inline constexpr int kTraceMarks = 8;
+enum TraceMark : int {
+  kMarkEntry = 1,     // block 0 starts
+  kMarkTables = 2,    // send half: routing tables / layout scans built
+  kMarkSent = 3,      // send half: block 0 left its claim loop
+  kMarkArrived = 4,   // receive half: block 0 saw every signal
+  kMarkReceived = 5,  // receive half: block 0 finished its share of the copies / reductions
+  kMarkExit = 6,      // the last block finished
 };
 inline constexpr int kNumOps = 2;
 enum OpIndex : int { kOpDispatch = 0, kOpCombine = 1 };
@@ -43,6 +56,7 @@ struct CudaGroup {
   int32_t num_sms;              // multiprocessors this process may use (MPS may give it a share)
   int32_t max_blocks[kNumOps];  // grid cap of each op's kernel: the blocks of it that fit on the device at once
   int32_t use_put;              // 1 if any peer uses the NVSHMEM put path (then bf16 payloads are staged too)
+  int32_t trace;                // 1: record the phase trace (CudaWorkspace::trace)
 };
 
 // Bytes of CudaWorkspace for a layout (one allocation, carved by carve_workspace).

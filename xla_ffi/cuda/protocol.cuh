@@ -1,6 +1,6 @@
 // Device-side building blocks shared by the dispatch and combine kernels: memory-model primitives, the bounded
-// signal wait, error recording, the "last block out" state update, warp copies to a peer (direct stores or NVSHMEM
-// puts) and small block scans.
+// signal wait, error recording, the "last block in" state update, routing tables, warp copies to a peer (direct stores
+// or NVSHMEM puts) and small block scans.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,16 +15,13 @@ namespace jax_ll_ep {
 namespace cuda {
 
 inline constexpr int kWarp = 32;
+// Every kernel keeps its CallPlan (enter_call) at the start of its dynamic shared memory; its tables follow.
+inline constexpr int kPlanBytes = 32;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Memory-model primitives (PTX). Signals are the only words two ranks race on; data is plain stores/loads ordered
 // by the release/acquire pair around the signal.
 // ---------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
 __device__ __forceinline__ void store_release_sys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
@@ -36,7 +33,23 @@ __device__ __forceinline__ uint32_t atomic_add_release_gpu(uint32_t* p, uint32_t
   asm volatile("atom.add.release.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
   return old;
 }
+__device__ __forceinline__ uint32_t atomic_add_acq_rel_gpu(uint32_t* p, uint32_t v) {
+  uint32_t old;
+  asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
 __device__ __forceinline__ void fence_acquire_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+__device__ __forceinline__ void fence_acquire_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+// Polling loads: strong (never torn, never served from a stale L1 line) but without the per-load acquire cost; the
+// poller issues one acquire fence once every signal it waits for has been observed.
+__device__ __forceinline__ uint64_t load_relaxed_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void store_release_gpu(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -77,52 +90,125 @@ __device__ __forceinline__ void record_error(RankState* state, uint32_t* flag, c
     *reinterpret_cast<volatile uint32_t*>(flag) = static_cast<uint32_t>(e.code);
   }
   atomicAdd(&state->error_count, 1u);
+  if (e.code == ErrorCode::kTimeout || e.code == ErrorCode::kSequenceMismatch) {
+    // Sticky (RankState::unusable): this rank's call sequence may now differ from its peers', so every later send
+    // is refused before it writes anything to a peer.
+    atomicCAS(&state->unusable, 0u, static_cast<uint32_t>(e.code));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The call's sequence number as every block of a kernel sees it at entry. RankState is written only by this rank's
-// kernels, and only by the last block of a kernel to finish (finish_kernel), so every block of a launch reads the
-// same values.
+// The call's state as every block of a kernel sees it at entry. RankState's call fields are written only by this
+// rank's kernels, and only by the LAST BLOCK IN of a launch (enter_call): every other block has read them before it
+// counted itself in, so every block of a launch decides on the same values, and no block waits for another at
+// the end of the kernel (stream order hands the new state to the next launch).
 // ---------------------------------------------------------------------------------------------------------------
 struct CallState {
   uint64_t seq;       // last completed call
   uint64_t open_seq;  // open send half (0: none)
   uint32_t open_kind;
+  uint32_t unusable;  // RankState::unusable (sticky)
 };
-__device__ __forceinline__ CallState read_call_state(const RankState* state) {
-  const volatile RankState* s = state;
-  return CallState{s->seq, s->open_seq, s->open_kind};
-}
 
 // The split forms' ticket: the call's sequence number, low 31 bits (as the cpu backend).
 __host__ __device__ __forceinline__ int32_t ticket_of(uint64_t seq) { return static_cast<int32_t>(seq & 0x7fffffffu); }
 
-// Whether a receive half may complete the open call: one is open, of this kind, and (split form) the ticket matches.
-__device__ __forceinline__ bool receive_matches(const CallState& cs, OpKind kind, const int32_t* ticket_in) {
-  if (cs.open_seq == 0 || cs.open_kind != static_cast<uint32_t>(kind)) return false;
-  return ticket_in == nullptr || *ticket_in == ticket_of(cs.open_seq);
+// What a launch does, decided identically by every block from the state it read at entry.
+struct CallPlan {
+  uint64_t seq;      // the call's sequence number
+  ErrorCode refuse;  // kOk: proceed; else why the call is refused (nothing is sent, no state changes)
+  bool send, recv;   // the halves this launch runs (GroupArgs::phases)
+};
+
+__device__ __forceinline__ CallPlan plan_call(const CallState& cs, OpKind kind, int32_t phases,
+                                              const int32_t* ticket_in) {
+  CallPlan p;
+  p.send = (phases & kSendPhase) != 0;
+  p.recv = (phases & kRecvPhase) != 0;
+  p.seq = p.send ? cs.seq + 1 : cs.open_seq;
+  p.refuse = ErrorCode::kOk;
+  if (p.send) {
+    // A send needs no open call, and a buffer whose call sequence may differ from its peers' sends nothing at all.
+    if (cs.unusable != 0) {
+      p.refuse = ErrorCode::kBufferUnusable;
+    } else if (cs.open_seq != 0) {
+      p.refuse = ErrorCode::kSplitMisuse;
+    }
+  } else if (cs.open_seq == 0 || cs.open_kind != static_cast<uint32_t>(kind) ||
+             (ticket_in != nullptr && *ticket_in != ticket_of(cs.open_seq))) {
+    p.refuse = ErrorCode::kSplitMisuse;  // a receive half alone completes the open call of its kind (its ticket)
+  }
+  return p;
 }
 
-// "Last block out": every block counts itself out after its work; the last one (which therefore runs after every
-// block has read RankState at entry and has left its work loops) applies `update`, then re-arms the counter for
-// the next launch.
-template <typename Update>
-__device__ __forceinline__ void finish_kernel(uint32_t* done, Update update) {
-  __syncthreads();  // the whole block's work (and its reads of RankState) precede the count below
+// Called by every thread at kernel entry. Thread 0 of each block reads the call state and counts the block in; the
+// last block in re-arms the entry counter and the other parity's work queue (its last user, the previous call,
+// has finished: stream order), then advances the state: a receive half closes the call, a send half alone opens it
+// and hands its ticket to the receive half. Returns after a block barrier, with the plan in every thread.
+__device__ __forceinline__ CallPlan enter_call(const CudaGroup& g, OpKind kind, CallPlan* shared_plan) {
   if (threadIdx.x == 0) {
-    __threadfence();  // release: this block's writes before its count
-    const uint32_t prev = atomicAdd(done, 1u);
+    RankState* state = g.group.layout.state(g.local_region);
+    const volatile RankState* vs = state;
+    const CallState cs{vs->seq, vs->open_seq, vs->open_kind, vs->unusable};
+    const CallPlan plan = plan_call(cs, kind, g.group.phases, g.group.ticket_in);
+    *shared_plan = plan;
+    // acq_rel: this block's reads of the state above precede the count; the last block in sees every block's count
+    // and therefore writes the state after all of them have read it.
+    const uint32_t prev = atomic_add_acq_rel_gpu(g.workspace.entered, 1u);
     if (prev == gridDim.x - 1) {
-      __threadfence();  // acquire: every other block's writes are visible to the update
-      update();
-      *done = 0;
+      *g.workspace.entered = 0u;
+      g.workspace.queue[parity_of(plan.seq + 1)] = 0u;
+      if (plan.refuse == ErrorCode::kOk) {
+        if (plan.recv) {
+          state->seq = plan.seq;
+          state->open_seq = 0;
+          state->open_kind = static_cast<uint32_t>(OpKind::kNone);
+        } else {
+          state->open_seq = plan.seq;
+          state->open_kind = static_cast<uint32_t>(kind);
+          if (g.group.ticket_out != nullptr) *g.group.ticket_out = ticket_of(plan.seq);
+        }
+      }
     }
+  }
+  __syncthreads();  // the plan in shared memory is visible to the block
+  return *shared_plan;
+}
+
+// The send half's work queue of this call (see "Work queues" below).
+__device__ __forceinline__ uint32_t* call_queue(const CudaGroup& g, uint64_t seq) {
+  return &g.workspace.queue[parity_of(seq)];
+}
+
+// A refused call: record why (block 0), and give a split send's receive half a ticket that can never match.
+__device__ __forceinline__ void refuse_call(const CudaGroup& g, OpKind kind, const CallPlan& plan) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  RankState* state = g.group.layout.state(g.local_region);
+  const int64_t detail = plan.refuse == ErrorCode::kBufferUnusable ? static_cast<int64_t>(state->unusable) : 0;
+  record_error(state, g.error_flag, ErrorInfo{plan.refuse, kind, plan.seq, detail, -1, -1, 0});
+  if (plan.send && g.group.ticket_out != nullptr) *g.group.ticket_out = -1;
+}
+
+// Phase trace: the end of this block's work (the latest block's end is the call's exit).
+__device__ __forceinline__ void trace_exit(const CudaGroup& g, uint64_t seq) {
+  if (!g.trace) return;
+  __syncthreads();  // the block's work is over
+  if (threadIdx.x == 0) {
+    atomicMax(reinterpret_cast<unsigned long long*>(g.workspace.trace + (seq % kTraceRows) * kTraceMarks + kMarkExit),
+              static_cast<unsigned long long>(global_timer_ns()));
   }
 }
 
+// Phase trace (launch.h): block 0's thread 0 records the time of `mark` in the call's row.
+__device__ __forceinline__ void trace_mark(const CudaGroup& g, uint64_t seq, OpKind kind, TraceMark mark) {
+  if (!g.trace || blockIdx.x != 0 || threadIdx.x != 0) return;
+  uint64_t* row = g.workspace.trace + (seq % kTraceRows) * kTraceMarks;
+  if (mark == kMarkEntry) row[0] = (seq << 8) | static_cast<uint64_t>(kind);
+  row[mark] = global_timer_ns();
+}
+
 // ---------------------------------------------------------------------------------------------------------------
-// Waiting for one (local expert, rank) signal of call `seq`, bounded by the deadline. Returns the announced count,
-// or -1 (never arrived: timeout; or the peer's call sequence disagrees), having recorded why.
+// Waiting for the signals of call `seq`, bounded by the deadline.
 // ---------------------------------------------------------------------------------------------------------------
 struct WaitContext {
   RankState* state;
@@ -132,40 +218,127 @@ struct WaitContext {
   OpKind kind;
   uint64_t deadline_ns;
   int32_t max_count;  // a count above this is corrupt (T for dispatch, T for combine)
+  int32_t num_ranks;  // pair p = local_expert * num_ranks + rank
+  bool peers_remote;  // some peer is another GPU: the acquire must be system scope
 };
 
-// `crossed` is the same pair's slot in the other op kind's signal array: a peer whose call `seq` is of the other
-// kind signals there, which shows as a mismatch instead of a timeout.
-__device__ __forceinline__ int32_t wait_signal(const WaitContext& w, const uint64_t* slot, const uint64_t* crossed,
-                                               int local_expert, int rank, int pair_index) {
-  for (;;) {
-    uint64_t v = load_acquire_sys(slot);  // acquire: the data announced by this signal is visible after it
-    SignalState s = classify_signal(v, w.seq, w.kind);
-    if (s == SignalState::kPending) {
-      const uint64_t other = load_acquire_sys(crossed);
-      if (classify_signal(other, w.seq, w.kind) == SignalState::kMismatch) {
-        v = other;
-        s = SignalState::kMismatch;
+// One warp waits for pairs 0..n-1: lane l polls pairs l, l + 32, ..., kPollBatch of them per round with every load
+// in flight, so a round costs one memory round trip whatever n is; the other warps of the block wait at a barrier
+// instead of competing for the memory pipe. count[p] (shared memory) receives the announced count, or -1 when the
+// pair never arrived (timeout) or a peer's call sequence disagrees (mismatch), both recorded. `slot(p)` is the
+// pair's signal word; `crossed(p)` the same pair's word in the other op kind's array: a peer whose call `seq` is of
+// the other kind signals there, which shows as a mismatch instead of a timeout.
+template <typename Slot, typename Crossed>
+__device__ void warp_wait_signals(const WaitContext& w, int n, Slot slot, Crossed crossed, int32_t* count) {
+  constexpr int kPollBatch = 8;
+  const int lane = lane_id();
+  for (int first = 0; first < n; first += kWarp * kPollBatch) {
+    uint32_t pending = 0;
+#pragma unroll
+    for (int j = 0; j < kPollBatch; ++j) pending |= (first + j * kWarp + lane < n ? 1u : 0u) << j;
+    while (pending != 0u) {
+      uint64_t v[kPollBatch], c[kPollBatch];
+#pragma unroll
+      for (int j = 0; j < kPollBatch; ++j) {
+        const int p = first + j * kWarp + lane;
+        if ((pending >> j) & 1u) {
+          v[j] = load_relaxed_sys(slot(p));  // relaxed: the acquire fence below follows the last observation
+          c[j] = load_relaxed_sys(crossed(p));
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kPollBatch; ++j) {
+        if (!((pending >> j) & 1u)) continue;
+        const int p = first + j * kWarp + lane;
+        uint64_t seen = v[j];
+        SignalState st = classify_signal(seen, w.seq, w.kind);
+        if (st == SignalState::kPending && classify_signal(c[j], w.seq, w.kind) == SignalState::kMismatch) {
+          seen = c[j];
+          st = SignalState::kMismatch;
+        }
+        if (st == SignalState::kPending) continue;
+        pending &= ~(1u << j);
+        const int32_t announced = static_cast<int32_t>(signal_count(seen));
+        if (st == SignalState::kArrived && announced <= w.max_count) {
+          count[p] = announced;
+        } else {
+          count[p] = -1;
+          record_error(
+              w.state, w.error_flag,
+              ErrorInfo{ErrorCode::kSequenceMismatch, w.kind, w.seq, 1, p % w.num_ranks, p / w.num_ranks, seen});
+        }
+      }
+      if (pending != 0u && global_timer_ns() > w.deadline_ns) {
+#pragma unroll
+        for (int j = 0; j < kPollBatch; ++j) {
+          if (!((pending >> j) & 1u)) continue;
+          const int p = first + j * kWarp + lane;
+          count[p] = -1;
+          w.missing[p] = 1;
+          record_error(w.state, w.error_flag,
+                       ErrorInfo{ErrorCode::kTimeout, w.kind, w.seq, -1, p % w.num_ranks, p / w.num_ranks, v[j]});
+        }
+        pending = 0u;
       }
     }
-    if (s == SignalState::kArrived) {
-      const int32_t count = static_cast<int32_t>(signal_count(v));
-      if (count <= w.max_count) return count;
-      record_error(w.state, w.error_flag,
-                   ErrorInfo{ErrorCode::kSequenceMismatch, w.kind, w.seq, 1, rank, local_expert, v});
-      return -1;
+  }
+  // acquire: together with the relaxed observations above, the data announced by every signal is visible to this
+  // warp, and to the rest of the block after the barrier that follows every call of this function.
+  if (w.peers_remote) {
+    fence_acquire_sys();
+  } else {
+    fence_acquire_gpu();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Routing tables. The whole block visits every entry of topk_idx [n][K], staged through shared memory in tiles of
+// whole rows (coalesced loads); `first` is false for an id already seen earlier in its row (a repeat, treated as
+// -1 by the protocol). Returns after a block barrier.
+// ---------------------------------------------------------------------------------------------------------------
+inline constexpr int kTopkTile = 2048;  // entries staged at once (8 KB of shared memory)
+
+template <typename Visit>
+__device__ void for_each_topk_entry(const int32_t* topk, int n, int k_count, int32_t* tile, Visit visit) {
+  const int rows_per_tile = kTopkTile / k_count;
+  if (n <= 0) __syncthreads();  // (no tile: still a barrier, as promised)
+  for (int t0 = 0; t0 < n; t0 += rows_per_tile) {
+    const int entries = (n - t0 < rows_per_tile ? n - t0 : rows_per_tile) * k_count;
+    const int32_t* src = topk + static_cast<int64_t>(t0) * k_count;
+    for (int i = threadIdx.x; i < entries; i += blockDim.x) tile[i] = src[i];
+    __syncthreads();  // the tile is staged (and whatever the caller cleared before is visible)
+    for (int i = threadIdx.x; i < entries; i += blockDim.x) {
+      const int row = i / k_count, k = i % k_count;
+      const int32_t id = tile[i];
+      bool first = true;
+      for (int j = 0; j < k; ++j) first = first && tile[row * k_count + j] != id;
+      visit(t0 + row, k, id, first, tile + row * k_count);
     }
-    if (s == SignalState::kMismatch) {
-      record_error(w.state, w.error_flag,
-                   ErrorInfo{ErrorCode::kSequenceMismatch, w.kind, w.seq, 1, rank, local_expert, v});
-      return -1;
-    }
-    if (global_timer_ns() > w.deadline_ns) {
-      w.missing[pair_index] = 1;
-      record_error(w.state, w.error_flag, ErrorInfo{ErrorCode::kTimeout, w.kind, w.seq, -1, rank, local_expert, v});
-      return -1;
+    __syncthreads();  // every entry visited before the tile is reused, and the visits' results are visible
+  }
+}
+
+// Whether entry k of a staged row is the first bad one (outside [0, num_experts), or a repeat): a bad row is
+// described once, by its first bad entry (as the cpu backend).
+__device__ __forceinline__ bool first_bad_entry(const int32_t* row, int k, int num_experts) {
+  for (int j = 0; j < k; ++j) {
+    const int32_t id = row[j];
+    if (id == -1) continue;
+    if (id < 0 || id >= num_experts) return false;
+    for (int i = 0; i < j; ++i) {
+      if (row[i] == id) return false;
     }
   }
+  return true;
+}
+
+__host__ __device__ __forceinline__ int words_per_expert(const Layout& l) { return (l.max_tokens + 31) / 32; }
+
+// Bit i of mask word w: token 32w + i chose the expert. The slot of token t = the tokens before t that chose it.
+__device__ __forceinline__ int32_t slot_of(const uint32_t* expert_mask, int t) {
+  int32_t s = __popc(expert_mask[t / 32] & ((1u << (t % 32)) - 1u));
+  for (int w = 0; w < t / 32; ++w) s += __popc(expert_mask[w]);
+  return s;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -212,8 +385,8 @@ __device__ __forceinline__ int find_bucket(const int32_t* base, int n, int32_t m
 // Work queues. The send half's items are claimed from a counter in device memory instead of being assigned to
 // blocks by index: a block that reaches the receive half (and spins there) has found the queue empty, so every send
 // item is already owned by a running warp that finishes it without waiting on anything. The fused kernels therefore
-// never depend on a block that is not yet resident (MPS shares, other streams), whatever the grid size. The last
-// block out re-arms the counter.
+// never depend on a block that is not yet resident (MPS shares, other streams), whatever the grid size. There is a
+// counter per call parity (call_queue); the last block in of a call re-arms the other one for the next call.
 // ---------------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t warp_claim(uint32_t* queue) {
   uint32_t item = 0;
@@ -221,8 +394,8 @@ __device__ __forceinline__ uint32_t warp_claim(uint32_t* queue) {
   return __shfl_sync(0xffffffffu, item, 0);
 }
 
-// Warp copy of n 16-byte words with kBatch loads in flight per lane before the first store. Plain loads (not the
-// read-only path): the source may be symmetric memory that peers wrote during this kernel.
+// Warp copy of n 16-byte words with kBatch loads in flight per lane before the first store. Loads at L2 (ld.cg, not
+// the read-only or L1 path): the source may be symmetric memory that peers wrote during this kernel.
 template <int kBatch = 8>
 __device__ __forceinline__ void warp_copy16(int4* dst, const int4* src, int64_t n) {
   const int lane = lane_id();
@@ -231,7 +404,7 @@ __device__ __forceinline__ void warp_copy16(int4* dst, const int4* src, int64_t 
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
       const int64_t i = base + j * kWarp + lane;
-      if (i < n) v[j] = src[i];
+      if (i < n) v[j] = __ldcg(src + i);
     }
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
@@ -278,7 +451,11 @@ __device__ __forceinline__ void put_16_bytes(const PeerRef& peer, uint8_t* local
 // barrier, or the acquire side of a completion counter).
 __device__ __forceinline__ void send_signal(const PeerRef& peer, uint8_t* local_base, int64_t slot_offset,
                                             uint64_t value) {
-  if (peer.peer_base != nullptr) {
+  if (peer.peer_base == local_base) {
+    // release (gpu scope suffices: the receiver is this rank, on this GPU): every store this thread has observed,
+    // the data included, is visible to a thread that acquires this signal.
+    store_release_gpu(reinterpret_cast<uint64_t*>(peer.peer_base + slot_offset), value);
+  } else if (peer.peer_base != nullptr) {
     // release (system scope): every store this thread has observed, the data included, is visible to a peer that
     // acquires this signal.
     store_release_sys(reinterpret_cast<uint64_t*>(peer.peer_base + slot_offset), value);

@@ -12,20 +12,20 @@ int64_t num_experts(const Layout& l) { return static_cast<int64_t>(l.num_local_e
 }  // namespace
 
 int64_t workspace_bytes(const Layout& l) {
-  return 2 * align_up(kNumOps * 4, kRegionAlign) + align_up(num_experts(l) * 4, kRegionAlign) +
-         align_up(static_cast<int64_t>(l.max_tokens) * kMaxTopk * 4, kRegionAlign);
+  return align_up(4, kRegionAlign) + align_up(kNumParities * 4, kRegionAlign) +
+         align_up(num_experts(l) * 4, kRegionAlign) + align_up(kTraceRows * kTraceMarks * 8, kRegionAlign);
 }
 
 CudaWorkspace carve_workspace(void* base, const Layout& l) {
   uint8_t* p = static_cast<uint8_t*>(base);
   CudaWorkspace w;
-  w.done = reinterpret_cast<uint32_t*>(p);
-  p += align_up(kNumOps * 4, kRegionAlign);
+  w.entered = reinterpret_cast<uint32_t*>(p);
+  p += align_up(4, kRegionAlign);
   w.queue = reinterpret_cast<uint32_t*>(p);
-  p += align_up(kNumOps * 4, kRegionAlign);
+  p += align_up(kNumParities * 4, kRegionAlign);
   w.pair_sent = reinterpret_cast<uint32_t*>(p);
   p += align_up(num_experts(l) * 4, kRegionAlign);
-  w.self_row = reinterpret_cast<int32_t*>(p);
+  w.trace = reinterpret_cast<uint64_t*>(p);
   return w;
 }
 

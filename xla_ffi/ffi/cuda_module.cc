@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -467,6 +468,8 @@ void register_buffer(int64_t handle, int device, int32_t num_ranks, int32_t num_
   g.num_sms = sms;
   for (int op = 0; op < kNumOps; ++op) g.max_blocks[op] = sms * (blocks_per_sm[op] > 0 ? blocks_per_sm[op] : 1);
   g.use_put = use_put ? 1 : 0;
+  const char* trace = std::getenv("JAX_LL_EP_TRACE");
+  g.trace = trace != nullptr && std::strcmp(trace, "1") == 0 ? 1 : 0;
   std::lock_guard<std::mutex> lock(g_mutex);
   g_buffers[handle] = std::move(b);
 }
@@ -553,6 +556,17 @@ void clear_error(int64_t handle) {
   *reinterpret_cast<volatile uint32_t*>(b.host_flag) = 0;
 }
 
+// The phase trace (launch.h) of the buffer's recent calls, after a device synchronisation: kTraceRows rows of
+// kTraceMarks uint64 words as bytes (all zero unless the buffer was created with JAX_LL_EP_TRACE=1).
+nb::bytes read_trace(int64_t handle) {
+  BufferEntry& b = entry(handle);
+  check_cuda(cudaSetDevice(b.device), "cudaSetDevice");
+  check_cuda(cudaDeviceSynchronize(), "synchronize before reading the trace");
+  std::string rows(sizeof(uint64_t) * kTraceRows * kTraceMarks, '\0');
+  check_cuda(cudaMemcpy(rows.data(), b.group.workspace.trace, rows.size(), cudaMemcpyDeviceToHost), "read trace");
+  return nb::bytes(rows.data(), rows.size());
+}
+
 nb::capsule handler_capsule(XLA_FFI_Handler* h) { return nb::capsule(reinterpret_cast<void*>(h)); }
 
 }  // namespace
@@ -587,6 +601,8 @@ NB_MODULE(_jax_ll_ep_cuda, m) {
   m.def("unregister_buffer", &unregister_buffer, nb::arg("handle"));
   m.def("read_state", &read_state, nb::arg("handle"));
   m.def("clear_error", &clear_error, nb::arg("handle"));
+  m.def("read_trace", &read_trace, nb::arg("handle"));
+  m.def("trace_shape", []() { return nb::make_tuple(kTraceRows, kTraceMarks); });
   m.def(
       "mem_get_info",
       [](int device) {
