@@ -261,21 +261,30 @@ def ragged_method(experts):
 # ---------------------------------------------------------------------------------------------------------------
 # The measured program
 # ---------------------------------------------------------------------------------------------------------------
-def program(m: Mesh, method, order_id: int, calls: int, sets: int, fields, native: bool):
-    """Stamps around `calls` dispatch+combine pairs; returns [1, 2*calls+1, 2] stamps per device."""
+def program(m: Mesh, method, order_id: int, calls: int, sets: int, fields, native: bool, sequence: str = "pair"):
+    """Stamps around `calls` dispatch+combine pairs; returns [1, 2*calls+1, 2] stamps per device. With sequence
+    "dispatch" only the dispatches are issued (and stamped); with "combine" one dispatch precedes the first stamp
+    and its handle serves 2*calls combines: the same op back to back, e.g. to see what the other op's kernel costs
+    the next one (instruction cache, TLB)."""
     dispatch, combine = method
 
     def body(inp):
         like = inp["x"][0]  # varying over the axis: gives the stamps' type
-        s = stamp(first_dep(like), like, order_id)
+        carry0 = dispatch(inp["x"][0], inp["t"][0], None) if sequence == "combine" else None
+        s = stamp(first_dep(like) if carry0 is None else dep_of(carry0[:1]), like, order_id)
         stamps = [s]
-        for i in range(calls):
+        for i in range(2 * calls if sequence != "pair" else calls):
             j = i % sets
             x, t = inp["x"][j], inp["t"][j]
-            x, t = after((x, t), s) if native else tie((x, t), s)
-            carry = dispatch(x, t, s)
-            s = stamp(s if native else dep_of(carry), like, order_id)
-            stamps.append(s)
+            if sequence != "combine":
+                x, t = after((x, t), s) if native else tie((x, t), s)
+                carry = dispatch(x, t, s)
+                s = stamp(s if native else dep_of(carry), like, order_id)
+                stamps.append(s)
+                if sequence == "dispatch":
+                    continue
+            else:
+                j, carry = 0, carry0
             y, yp, t, w = inp["y"][j], inp["yp"][j] if "yp" in inp else None, inp["t"][j], inp["w"][j]
             y, yp, t, w, carry = after((y, yp, t, w, carry), s) if native else (y, yp, *tie((t, w, carry), s))
             out = combine(y, yp, t, w, carry, s)
@@ -312,7 +321,7 @@ def local_stamps(arr) -> np.ndarray:
     return stamps_to_ns(np.asarray(arr.addressable_shards[0].data)[0])
 
 
-def measure(fn, args, *, executions: int, warmup_calls: int) -> dict:
+def measure(fn, args, *, executions: int, warmup_calls: int, sequence: str = "pair") -> dict:
     """Runs the program; returns per-op samples (ns) from executions 2.. and calls past warm-up, and the last
     execution's stamps."""
     d, c = [], []
@@ -322,8 +331,11 @@ def measure(fn, args, *, executions: int, warmup_calls: int) -> dict:
         if e == 0:
             continue  # compile + first-touch execution
         diffs = np.diff(ns)
-        d += diffs[0::2][warmup_calls:].tolist()
-        c += diffs[1::2][warmup_calls:].tolist()
+        if sequence == "pair":
+            d += diffs[0::2][warmup_calls:].tolist()
+            c += diffs[1::2][warmup_calls:].tolist()
+        else:
+            (d if sequence == "dispatch" else c).extend(diffs[2 * warmup_calls :].tolist())
     return {"dispatch_ns": d, "combine_ns": c, "last_stamps_ns": ns}
 
 
@@ -353,6 +365,8 @@ def phase_trace(buf, stamps_ns: np.ndarray, warmup_calls: int) -> dict:
         phases = out.setdefault(kind, {})
         for (a, ta), (b, tb) in zip(points, points[1:], strict=False):
             phases.setdefault(f"{a} -> {b}", []).append((tb - ta) / 1e3)
+        if row[7] != 0 and row[1] != 0:  # the last warp out of the send loop (kMarkAllSent), from block 0's entry
+            phases.setdefault("entry -> all sent", []).append((int(row[7]) - int(row[1])) / 1e3)
     return {k: {name: float(np.median(v)) for name, v in ph.items()} for k, ph in out.items()}
 
 
@@ -461,8 +475,11 @@ def main() -> None:
                     m, sets=CFG["sets"], n=t_max, t_max=t_max, hidden=H, topk=K, experts=E, want_packed=packed
                 )
                 fields = tuple(inputs)
-                fn = program(m, meth, order_id, CFG["calls"], CFG["sets"], fields, native=name == "cuda")
-                timed = measure(fn, (inputs,), executions=CFG["executions"], warmup_calls=CFG["warmup_calls"])
+                sequence = CFG.get("sequence", "pair")
+                fn = program(m, meth, order_id, CFG["calls"], CFG["sets"], fields, name == "cuda", sequence)
+                timed = measure(
+                    fn, (inputs,), executions=CFG["executions"], warmup_calls=CFG["warmup_calls"], sequence=sequence
+                )
                 last_stamps = timed.pop("last_stamps_ns")
                 entry.update(timed)
                 if name == "cuda" and os.environ.get("JAX_LL_EP_TRACE") == "1" and not DRY_RUN:

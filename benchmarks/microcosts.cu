@@ -66,6 +66,50 @@ __global__ void finish_kernel(uint32_t* done) {
   }
 }
 
+// Instruction fetch: one warp runs kInstr independent FMAs of straight-line code (16 bytes each) once. kSalt makes
+// instantiations of equal size whose code differs (an "evictor" for another one's instruction cache lines).
+template <int kInstr, int kSalt>
+__global__ void code_kernel(float* out, float b) {
+  float a[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) a[j] = threadIdx.x + j + kSalt;
+#pragma unroll
+  for (int i = 0; i < kInstr / 8; ++i) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) asm volatile("fma.rn.f32 %0, %0, %1, %1;" : "+f"(a[j]) : "f"(b));
+  }
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) s += a[j];
+  if (s == 12345.0f) out[0] = s;
+}
+
+// Address translation: one warp writes 1 KB to each of 8 places `stride` bytes apart (as a dispatch send item
+// writes one chunk of a token to its 8 experts' rows), then reads it back; `touch_pages_kernel` touches one line of
+// every 2 MB page of a large buffer (evicting translations between launches).
+__global__ void scatter_kernel(uint8_t* buf, int64_t stride, int write) {
+  const int lane = threadIdx.x;
+  uint64_t acc = 0;
+#pragma unroll 1
+  for (int d = 0; d < 8; ++d) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      uint64_t* p = reinterpret_cast<uint64_t*>(buf + d * stride + r * 256 + lane * 8);
+      if (write) {
+        *p = d + r;
+      } else {
+        acc += *reinterpret_cast<volatile uint64_t*>(p);
+      }
+    }
+  }
+  if (acc == 12345) buf[0] = 1;
+}
+__global__ void touch_pages_kernel(uint8_t* buf, int64_t pages) {
+  for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < pages; i += gridDim.x * blockDim.x) {
+    buf[i * (int64_t{2} << 20) + 64] = 1;
+  }
+}
+
 // Microseconds per launch: `per_graph` launches captured in one graph, best of 5 replays.
 template <typename Launch>
 float graph_us(Launch launch, int per_graph) {
@@ -131,6 +175,50 @@ int main() {
   for (int blocks : {1, 16, 132}) {
     std::printf("last-block-out kernel, %d blocks of 512: %.2f us\n", blocks,
                 graph_us([&](cudaStream_t s) { finish_kernel<<<blocks, 512, 0, s>>>(c + 4); }, 200));
+  }
+  // Straight-line code run once per launch: alone (the same kernel back to back), and alternating with another
+  // kernel of 128 KB of code (as the dispatch and combine kernels alternate). Time per launch of the measured kernel.
+  float* f = reinterpret_cast<float*>(c + 8);
+  const float empty = graph_us([](cudaStream_t s) { empty_kernel<<<1, 32, 0, s>>>(); }, 200);
+  const float evictor = graph_us([&](cudaStream_t s) { code_kernel<8192, 7><<<1, 32, 0, s>>>(f, 1.0f); }, 100);
+  auto code_probe = [&](const char* what, auto launch) {
+    const float alone = graph_us(launch, 100);
+    const float mixed = graph_us(
+        [&](cudaStream_t s) {
+          launch(s);
+          code_kernel<8192, 7><<<1, 32, 0, s>>>(f, 1.0f);
+        },
+        100);
+    std::printf("%-34s alone %.2f us, alternating with a 128 KB kernel %.2f us (empty kernel %.2f)\n", what, alone,
+                mixed - evictor, empty);
+  };
+  code_probe("straight-line code 8 KB, 1 warp", [&](cudaStream_t s) { code_kernel<512, 1><<<1, 32, 0, s>>>(f, 1.0f); });
+  code_probe("straight-line code 32 KB, 1 warp",
+             [&](cudaStream_t s) { code_kernel<2048, 2><<<1, 32, 0, s>>>(f, 1.0f); });
+  code_probe("straight-line code 128 KB, 1 warp",
+             [&](cudaStream_t s) { code_kernel<8192, 3><<<1, 32, 0, s>>>(f, 1.0f); });
+  code_probe("straight-line code 128 KB, 132 blocks",
+             [&](cudaStream_t s) { code_kernel<8192, 4><<<132, 32, 0, s>>>(f, 1.0f); });
+  // Scattered writes and reads of one warp, with and without a kernel between launches that touches 8 GB.
+  uint8_t* big = nullptr;
+  const int64_t big_bytes = int64_t{8} << 30;
+  if (cudaMalloc(&big, big_bytes) == cudaSuccess) {
+    const int64_t pages = big_bytes >> 21;
+    const float toucher = graph_us([&](cudaStream_t s) { touch_pages_kernel<<<32, 128, 0, s>>>(big, pages); }, 20);
+    for (int write = 1; write >= 0; --write) {
+      for (int64_t stride : {int64_t{7168}, int64_t{1} << 21, int64_t{256} << 20}) {
+        const float alone = graph_us([&](cudaStream_t s) { scatter_kernel<<<1, 32, 0, s>>>(big, stride, write); }, 100);
+        const float mixed = graph_us(
+            [&](cudaStream_t s) {
+              scatter_kernel<<<1, 32, 0, s>>>(big, stride, write);
+              touch_pages_kernel<<<32, 128, 0, s>>>(big, pages);
+            },
+            20);
+        std::printf("%s 8 x 1 KB, %9lld B apart: alone %.2f us, after touching 8 GB %.2f us\n",
+                    write ? "write" : "read ", static_cast<long long>(stride), alone, mixed - toucher);
+      }
+    }
+    cudaFree(big);
   }
   const cudaError_t e = cudaDeviceSynchronize();
   if (e != cudaSuccess) std::printf("error: %s\n", cudaGetErrorString(e));

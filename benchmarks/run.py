@@ -312,6 +312,7 @@ def gpu_suite(args) -> int:
         "warmup_calls": args.warmup_calls,
         "copy_bandwidth": True,
         "timeout_s": args.timeout_s,
+        "sequence": args.sequence,
     }
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="jax_ll_ep_bench_"))
     per_ranks: dict[int, list[dict]] = {}
@@ -364,6 +365,13 @@ def main() -> int:
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--work-dir", default="", help="folder for the workers' logs and raw results (kept)")
     parser.add_argument("--timeout-s", type=float, default=10.0, help="the buffers' timeout_s (bounded waits)")
+    parser.add_argument(
+        "--sequence",
+        choices=("pair", "dispatch", "combine"),
+        default="pair",
+        help="what each measured program issues: dispatch+combine pairs (the default; the reported numbers), or one "
+        "op back to back (diagnostics: what the other op's kernel costs the next one)",
+    )
     argv = sys.argv[1:]
     if argv[:2] == ["--suite", "cpu"] or argv[:1] == ["--suite=cpu"]:
         # The cpu and xla backends on 8 simulated CPU devices: benchmarks/bench_cpu.py (every other option is its).

@@ -10,10 +10,10 @@
 // Receive half: every block derives from this rank's topk_idx the rows it expects per pair; one warp per block
 //               waits for all E_l x R signals (bounded) and the counts are checked against the expected ones; then
 //               each warp reduces 256 channels of one token at a time, every row load in flight before the first add.
-// Fused call: this rank's own rows are not copied through the symmetric region. Their pairs are signalled at once
-// (the rows are in y, an input that is complete before the kernel starts), and the receive half reads them in
-// place: the row of own (token t, expert e) is e's offset in the handle's layout_range plus t's slot, the number of
-// this rank's tokens before t that chose e (the dispatch's slot rule), checked against src_info / src_topk_pos.
+// Fused call: this rank's own rows are not copied through the symmetric region and their pairs are not signalled
+// (the rows are in y, an input that is complete before the kernel starts); the receive half reads them in place: the
+// row of own (token t, expert e) is e's offset in the handle's layout_range plus t's slot, the number of this rank's
+// tokens before t that chose e (the dispatch's slot rule), checked against src_info / src_topk_pos.
 #include <cuda_bf16.h>
 
 #include "cuda/launch.h"
@@ -64,6 +64,7 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   const int64_t rows = static_cast<int64_t>(num_ranks) * l.max_tokens;
   const SendTables s{smem, smem + num_pairs, smem + 2 * num_pairs};
   const SendContext sc{s, seq, parity_of(seq), direct};
+#pragma unroll 1
   for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
     const int32_t offset = a.layout_range[2 * p], c = a.layout_range[2 * p + 1];
     const bool ok = offset >= 0 && c >= 0 && c <= l.max_tokens && offset <= rows - c;
@@ -85,7 +86,10 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   const int64_t row_bytes = 2 * static_cast<int64_t>(l.hidden);
   for (;;) {
     const uint32_t item = warp_claim(call_queue(g, seq));
-    if (item >= items) break;
+    if (item >= items) {
+      trace_latest(g, seq, kMarkAllSent);
+      break;
+    }
     if (item < remote_rows) {  // one row of y to its source rank
       const int m = static_cast<int>(item);
       const int p = find_bucket(s.remote_base, num_pairs, m);
@@ -100,38 +104,44 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
       }
       __syncwarp();  // the whole warp's stores precede lane 0's release below
       if (lane == 0) count_row_done(g, sc, p, 1u);
-    } else {  // the data-free signals of up to 32 pairs: empty ones, and (fused call) this rank's own
+    } else {  // the data-free signals of up to 32 empty pairs (a fused call's own pairs need none: their rows
+              // stay in y, and the receive half takes their count from these tables)
       const int p = static_cast<int>(item - remote_rows) * kWarp + lane;
-      if (p >= num_pairs) continue;
-      const bool own = direct && p % num_ranks == rank;
-      if (s.count[p] == 0 || own) {
-        // own pairs announce their rows, which stay in y (read in place by the receive half: nothing to order)
+      if (p < num_pairs && s.count[p] == 0 && !(direct && p % num_ranks == rank)) {
         send_empty_signal(peer_of(g, p % num_ranks), local,
                           reinterpret_cast<uint8_t*>(l.combine_signal(local, sc.parity, p / num_ranks, rank)) - local,
-                          encode_signal(seq, OpKind::kCombine, static_cast<uint32_t>(own ? s.count[p] : 0)));
+                          encode_signal(seq, OpKind::kCombine, 0u));
       }
     }
   }
   trace_mark(g, seq, OpKind::kCombine, kMarkSent);
 }
 
-// Shared memory of the receive half.
+// Shared memory of the receive half, after the send half's tables (a fused call reads the send half's counts).
 struct RecvTables {
   int32_t* count;       // [P] announced rows per pair (-1: never arrived)
   int32_t* expected;    // [P] rows this rank's routing sent to each pair
   int32_t* own_offset;  // [E_l] fused call: own pair's offset in the layout (-1: invalid)
   uint32_t* own_mask;   // [E_l][words] fused call: tokens of this rank that chose local expert e (the slot rule)
   int32_t* tile;        // [kTopkTile] staged topk_idx
+  float* weights;       // [kTopkTile] topk_weights, when all of topk_idx fits one tile
 };
 
-__device__ __forceinline__ RecvTables recv_tables(const Layout& l, int32_t* smem, bool direct) {
+__host__ __device__ __forceinline__ int64_t send_table_words(const Layout& l) { return 3 * l.num_pairs() + 1; }
+__host__ __device__ __forceinline__ int64_t recv_table_words(const Layout& l) {
+  return 2 * l.num_pairs() + l.num_local_experts + static_cast<int64_t>(l.num_local_experts) * words_per_expert(l) +
+         2 * kTopkTile;
+}
+
+__device__ __forceinline__ RecvTables recv_tables(const Layout& l, int32_t* smem) {
   const int num_pairs = static_cast<int>(l.num_pairs());
   RecvTables r;
-  r.count = smem;
+  r.count = smem + send_table_words(l);
   r.expected = r.count + num_pairs;
   r.own_offset = r.expected + num_pairs;
   r.own_mask = reinterpret_cast<uint32_t*>(r.own_offset + l.num_local_experts);
-  r.tile = reinterpret_cast<int32_t*>(r.own_mask + (direct ? l.num_local_experts * words_per_expert(l) : 0));
+  r.tile = reinterpret_cast<int32_t*>(r.own_mask + l.num_local_experts * words_per_expert(l));
+  r.weights = reinterpret_cast<float*>(r.tile + kTopkTile);
   return r;
 }
 
@@ -146,22 +156,31 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   const int num_experts = num_local * num_ranks;
   const int words = words_per_expert(l);
   const int64_t rows = static_cast<int64_t>(num_ranks) * l.max_tokens;
-  const RecvTables s = recv_tables(l, smem, direct);
+  const RecvTables s = recv_tables(l, smem);
+  const int32_t* layout_count = smem;  // the send half's validated counts per pair (fused call)
   const int lane = lane_id();
   uint8_t* local = g.local_region;
   RankState* state = l.state(local);
   const int parity = parity_of(seq);
   const int n = a.num_tokens, k_count = a.num_topk;
 
+  const bool tile_holds_all = static_cast<int64_t>(n) * k_count <= kTopkTile;
+  if (tile_holds_all) {
+#pragma unroll 1
+    for (int i = threadIdx.x; i < n * k_count; i += blockDim.x) s.weights[i] = a.topk_weights[i];
+  }
+#pragma unroll 1
   for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) s.expected[p] = 0;
   if (direct) {
+#pragma unroll 1
     for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
       const int32_t offset = a.layout_range[2 * (e * num_ranks + rank)];
       s.own_offset[e] = offset >= 0 && offset <= rows ? offset : -1;
     }
+#pragma unroll 1
     for (int i = threadIdx.x; i < num_local * words; i += blockDim.x) s.own_mask[i] = 0u;
   }
-  // (the staging barrier inside orders the clearing above before the visits)
+  // (the staging barrier inside orders the clearing and staging above before the visits and every later read)
   for_each_topk_entry(a.topk_idx, n, k_count, s.tile, [&](int t, int, int32_t id, bool first, const int32_t*) {
     if (id < 0 || id >= num_experts || !first) return;
     const int e = id % num_local, owner = id / num_local;
@@ -172,13 +191,18 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
     const WaitContext w{state,        g.error_flag,     l.missing(local),
                         seq,          OpKind::kCombine, timeout_deadline(g.group.timeout_s),
                         l.max_tokens, num_ranks,        num_ranks > 1};
-    warp_wait_signals(
-        w, num_pairs, [&](int p) { return l.combine_signal(local, parity, p / num_ranks, p % num_ranks); },
-        [&](int p) { return l.dispatch_signal(local, parity, p / num_ranks, p % num_ranks); }, s.count);
+    warp_wait_signals(w, num_pairs, l.combine_signal(local, parity, 0, 0), l.dispatch_signal(local, parity, 0, 0),
+                      direct ? rank : -1, s.count);
+    const auto own = [&](int p) { return direct && p % num_ranks == rank; };
+#pragma unroll 1
+    for (int p = threadIdx.x; p < num_pairs; p += kWarp) {
+      if (own(p)) s.count[p] = layout_count[p];
+    }
   }
   __syncthreads();  // warp 0's acquire (and the counts) precede every read below
   trace_mark(g, seq, OpKind::kCombine, kMarkArrived);
   if (blockIdx.x == 0) {
+#pragma unroll 1
     for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
       if (s.count[p] >= 0 && s.count[p] != s.expected[p]) {
         record_error(state, g.error_flag,
@@ -189,7 +213,7 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   const int units = l.hidden / 8;  // 16 bytes of bf16 each
   const int unit_chunks = (units + kWarp - 1) / kWarp;
   const int64_t items = static_cast<int64_t>(n) * unit_chunks;
-  const bool tile_holds_all = static_cast<int64_t>(n) * k_count <= kTopkTile;
+#pragma unroll 1
   for (int64_t item = global_warp(); item < items; item += num_global_warps()) {
     const int t = static_cast<int>(item / unit_chunks);
     const int chunk = static_cast<int>(item % unit_chunks);
@@ -198,7 +222,7 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
     // checked against the handle; else the receive region)
     const int64_t entry = static_cast<int64_t>(t) * k_count + lane;
     const int32_t id = lane >= k_count ? -1 : (tile_holds_all ? s.tile[entry] : a.topk_idx[entry]);
-    const float weight = lane < k_count ? a.topk_weights[entry] : 0.0f;
+    const float weight = lane >= k_count ? 0.0f : (tile_holds_all ? s.weights[entry] : a.topk_weights[entry]);
     const uint32_t same = __match_any_sync(0xffffffffu, id);
     const bool valid = lane < k_count && id >= 0 && id < num_experts && (same & lanemask_lt()) == 0u;
     const uint32_t valid_mask = __ballot_sync(0xffffffffu, valid);
@@ -294,11 +318,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CudaGroup g, CombineA
 }  // namespace cuda
 
 size_t combine_smem_bytes(const Layout& l) {
-  const int64_t send = 3 * l.num_pairs() + 1;
-  // the fused call's tables are the larger ones
-  const int64_t recv = 2 * l.num_pairs() + l.num_local_experts +
-                       static_cast<int64_t>(l.num_local_experts) * cuda::words_per_expert(l) + cuda::kTopkTile;
-  return static_cast<size_t>(cuda::kPlanBytes + 4 * (send > recv ? send : recv));
+  return static_cast<size_t>(cuda::kPlanBytes + 4 * (cuda::send_table_words(l) + cuda::recv_table_words(l)));
 }
 
 cudaError_t prepare_combine_kernel(int max_dynamic_smem, size_t smem, int* blocks_per_sm) {

@@ -80,9 +80,14 @@ __device__ void load_chunk(const Layout& l, const DispatchArgs& a, int t, int c,
     ch.raw[r] = b < num_blocks ? __ldg(reinterpret_cast<const uint4*>(x_row + b * kScaleBlock + sub * 8))
                                : make_uint4(0, 0, 0, 0);
   }
-#pragma unroll
+  // One round per iteration, not unrolled: the kernels' cost at small T is mostly fetching their code (cold after
+  // any other kernel; docs/performance.md), so the cast is kept to one round's code. The registers rotate instead
+  // of being indexed by the round (an indexed register array would live in local memory).
+#pragma unroll 1
   for (int r = 0; r < kRounds; ++r) {
-    const uint32_t w[4] = {ch.raw[r].x, ch.raw[r].y, ch.raw[r].z, ch.raw[r].w};
+    const uint32_t w[4] = {ch.raw[0].x, ch.raw[0].y, ch.raw[0].z, ch.raw[0].w};
+#pragma unroll
+    for (int q = 0; q + 1 < kRounds; ++q) ch.raw[q] = ch.raw[q + 1];
     float v[8];
     float amax = 0.0f;
 #pragma unroll
@@ -107,8 +112,13 @@ __device__ void load_chunk(const Layout& l, const DispatchArgs& a, int t, int c,
       const uint32_t pair = __nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3);
       packed[j / 2] |= pair << (16 * (j % 2));
     }
-    ch.fp8[r] = make_uint2(packed[0], packed[1]);
-    ch.scale[r] = scale;
+#pragma unroll
+    for (int q = 0; q + 1 < kRounds; ++q) {
+      ch.fp8[q] = ch.fp8[q + 1];
+      ch.scale[q] = ch.scale[q + 1];
+    }
+    ch.fp8[kRounds - 1] = make_uint2(packed[0], packed[1]);
+    ch.scale[kRounds - 1] = scale;
   }
 }
 
@@ -176,6 +186,7 @@ __device__ void build_routing_tables(const CudaGroup& g, const DispatchArgs& a, 
   const Layout& l = g.group.layout;
   const int num_experts = l.num_local_experts * l.num_ranks;
   const int words = words_per_expert(l);
+#pragma unroll 1
   for (int i = threadIdx.x; i < num_experts * words; i += blockDim.x) mask[i] = 0u;
   // (the staging barrier inside orders the clearing before any bit is set)
   for_each_topk_entry(a.topk_idx, a.num_tokens, a.num_topk, tile,
@@ -190,8 +201,10 @@ __device__ void build_routing_tables(const CudaGroup& g, const DispatchArgs& a, 
                                                  OpKind::kDispatch, seq, id, t, k, 0});
                         }
                       });
+#pragma unroll 1
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
     int32_t c = 0;
+#pragma unroll 1
     for (int w = 0; w < words; ++w) c += __popc(mask[e * words + w]);
     count[e] = c;
   }
@@ -266,17 +279,16 @@ __device__ void send_token_chunk(const CudaGroup& g, const DispatchArgs& a, cons
     } else {
       int64_t data_off, data_bytes, scale_off, scale_bytes;
       chunk_ranges(l, a.fp8_mode, c, data_off, data_bytes, scale_off, scale_bytes);
-      nvshmemx_putmem_nbi_warp(local + payload + data_off, staged + data_off, static_cast<size_t>(data_bytes), peer.pe);
-      if (scale_bytes > 0) {
-        nvshmemx_putmem_nbi_warp(local + payload + scale_off, staged + scale_off, static_cast<size_t>(scale_bytes),
-                                 peer.pe);
-      }
+      put_warp(local + payload + data_off, staged + data_off, data_bytes, peer.pe);
+      if (scale_bytes > 0) put_warp(local + payload + scale_off, staged + scale_off, scale_bytes, peer.pe);
     }
   }
   __syncwarp();  // the whole warp's stores precede each lane's release below
-  if (!valid) return;
+  // Own rows of a fused call on rank 0 went straight into the outputs: their pair needs no signal (the receive half
+  // takes its count from the routing tables, and the kernel's end publishes the rows).
+  if (!valid || (sc.direct && id / l.num_local_experts == rank)) return;
   // release (gpu): this item's stores precede the count; the lane that completes the pair acquires every other
-  // item's stores through the same counter before its system-scope release of the signal.
+  // item's stores through the same counter before its release of the signal.
   const uint32_t prev = atomic_add_release_gpu(&g.workspace.pair_sent[id], 1u);
   if (prev + 1u == static_cast<uint32_t>(sc.count[id]) * static_cast<uint32_t>(sc.chunks)) {
     fence_acquire_gpu();
@@ -293,6 +305,7 @@ __device__ void signal_empty_experts(const CudaGroup& g, const SendContext& sc, 
   const Layout& l = g.group.layout;
   const int e = first_expert + lane_id();
   if (e >= l.num_local_experts * l.num_ranks || sc.count[e] != 0) return;
+  if (sc.direct && e / l.num_local_experts == g.group.rank) return;  // own pair of a fused call: no signal
   uint8_t* local = g.local_region;
   const int dst = e / l.num_local_experts, local_expert = e % l.num_local_experts;
   send_empty_signal(peer_of(g, dst), local,
@@ -300,12 +313,22 @@ __device__ void signal_empty_experts(const CudaGroup& g, const SendContext& sc, 
                     encode_signal(sc.seq, OpKind::kDispatch, 0u));
 }
 
+// Shared memory: the send half's tables (staged topk tile, masks, counts per expert), then the receive half's
+// (counts and their scan per pair). Separate, because a fused call's receive half reads the send half's counts.
+__host__ __device__ __forceinline__ int64_t send_table_words(const Layout& l) {
+  const int64_t num_experts = static_cast<int64_t>(l.num_local_experts) * l.num_ranks;
+  return kTopkTile + num_experts * words_per_expert(l) + num_experts;
+}
+__device__ __forceinline__ int32_t* send_counts(const Layout& l, uint32_t* smem) {
+  return reinterpret_cast<int32_t*>(smem + send_table_words(l)) - l.num_local_experts * l.num_ranks;
+}
+
 __device__ void send_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* smem, uint64_t seq, bool direct) {
   const Layout& l = g.group.layout;
   const int num_experts = l.num_local_experts * l.num_ranks;
-  int32_t* tile = reinterpret_cast<int32_t*>(smem);                                       // [kTopkTile]
-  uint32_t* mask = smem + kTopkTile;                                                      // [E][words]
-  int32_t* count = reinterpret_cast<int32_t*>(mask + num_experts * words_per_expert(l));  // [E]
+  int32_t* tile = reinterpret_cast<int32_t*>(smem);  // [kTopkTile]
+  uint32_t* mask = smem + kTopkTile;                 // [E][words]
+  int32_t* count = send_counts(l, smem);             // [E]
   build_routing_tables(g, a, tile, mask, count, seq);
   trace_mark(g, seq, OpKind::kDispatch, kMarkTables);
   const bool tile_holds_all = static_cast<int64_t>(a.num_tokens) * a.num_topk <= kTopkTile;
@@ -315,7 +338,10 @@ __device__ void send_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
   const uint32_t items = token_items + static_cast<uint32_t>((num_experts + kWarp - 1) / kWarp);
   for (;;) {
     const uint32_t item = warp_claim(call_queue(g, seq));
-    if (item >= items) break;
+    if (item >= items) {
+      trace_latest(g, seq, kMarkAllSent);
+      break;
+    }
     if (item < token_items) {
       send_token_chunk(g, a, sc, static_cast<int>(item / sc.chunks), static_cast<int>(item % sc.chunks));
     } else {
@@ -327,14 +353,15 @@ __device__ void send_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
 
 // ---------------------------------------------------------------------------------------------------------------
 // Step 2: wait for every pair, derive the layout, copy the messages out (rank 0's own rows of a fused call are
-// already in place).
+// already in place, and their counts are in the send half's tables: those pairs are not waited for).
 // ---------------------------------------------------------------------------------------------------------------
 __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* smem, uint64_t seq, bool direct) {
   const Layout& l = g.group.layout;
   const int num_pairs = static_cast<int>(l.num_pairs());
-  const int num_ranks = l.num_ranks;
-  int32_t* count = reinterpret_cast<int32_t*>(smem);  // [P], pair p = local_expert * R + source rank
-  int32_t* base = count + num_pairs;                  // [P + 1]
+  const int num_ranks = l.num_ranks, rank = g.group.rank;
+  const int32_t* own_count = send_counts(l, smem) + rank * l.num_local_experts;  // fused call: [E_l]
+  int32_t* count = reinterpret_cast<int32_t*>(smem + send_table_words(l));       // [P], p = local_expert * R + rank
+  int32_t* base = count + num_pairs;                                             // [P + 1]
   const int lane = lane_id();
   uint8_t* local = g.local_region;
   const int parity = parity_of(seq);
@@ -343,19 +370,24 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
     const WaitContext w{
         l.state(local), g.error_flag, l.missing(local), seq, OpKind::kDispatch, timeout_deadline(g.group.timeout_s),
         l.max_tokens,   num_ranks,    num_ranks > 1};
-    warp_wait_signals(
-        w, num_pairs, [&](int p) { return l.dispatch_signal(local, parity, p / num_ranks, p % num_ranks); },
-        [&](int p) { return l.combine_signal(local, parity, p / num_ranks, p % num_ranks); }, count);
-    for (int p = threadIdx.x; p < num_pairs; p += kWarp) count[p] = count[p] < 0 ? 0 : count[p];
+    warp_wait_signals(w, num_pairs, l.dispatch_signal(local, parity, 0, 0), l.combine_signal(local, parity, 0, 0),
+                      direct ? rank : -1, count);
+    const auto own = [&](int p) { return direct && p % num_ranks == rank; };
+#pragma unroll 1
+    for (int p = threadIdx.x; p < num_pairs; p += kWarp) {
+      count[p] = own(p) ? own_count[p / num_ranks] : (count[p] < 0 ? 0 : count[p]);
+    }
   }
   block_exclusive_scan(count, base, num_pairs);  // its barrier orders warp 0's acquire before every copy below
   trace_mark(g, seq, OpKind::kDispatch, kMarkArrived);
   if (blockIdx.x == 0) {
+#pragma unroll 1
     for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
       const int first = (p / num_ranks) * num_ranks;
       a.layout_range[2 * p] = base[p] - base[first];
       a.layout_range[2 * p + 1] = count[p];
     }
+#pragma unroll 1
     for (int e = threadIdx.x; e < l.num_local_experts; e += blockDim.x) {
       a.recv_count[e] = base[(e + 1) * num_ranks] - base[e * num_ranks];
     }
@@ -364,6 +396,7 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
   const bool fp8 = a.fp8_mode != Fp8Mode::kNone;
   const int64_t row_bytes = fp8 ? l.hidden : 2 * static_cast<int64_t>(l.hidden);
   const int num_scales = l.hidden / kScaleBlock;
+#pragma unroll 1
   for (int32_t m = global_warp(); m < total; m += num_global_warps()) {
     const int p = find_bucket(base, num_pairs, m);
     const int e = p / num_ranks, r = p % num_ranks;
@@ -380,6 +413,7 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
                 reinterpret_cast<const int4*>(Layout::payload(msg)), row_bytes / 16);
     if (!fp8) continue;
     const float* scales = l.fp8_scales(msg);
+#pragma unroll 1
     for (int i = lane; i < num_scales; i += kWarp) {
       const float s = __ldcg(scales + i);
       if (a.fp8_mode == Fp8Mode::kUe8m0Scale) {
@@ -397,10 +431,12 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
 // Keeps a failed receive's outputs self-consistent (nothing received) so that no later op indexes with garbage.
 __device__ void write_empty_layout(const Layout& l, const DispatchArgs& a) {
   if (blockIdx.x != 0) return;
+#pragma unroll 1
   for (int p = threadIdx.x; p < l.num_pairs(); p += blockDim.x) {
     a.layout_range[2 * p] = 0;
     a.layout_range[2 * p + 1] = 0;
   }
+#pragma unroll 1
   for (int e = threadIdx.x; e < l.num_local_experts; e += blockDim.x) a.recv_count[e] = 0;
 }
 
@@ -427,10 +463,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(CudaGroup g, Dispatc
 }  // namespace cuda
 
 size_t dispatch_smem_bytes(const Layout& l) {
-  const int64_t num_experts = static_cast<int64_t>(l.num_local_experts) * l.num_ranks;
-  const int64_t send = cuda::kTopkTile + num_experts * cuda::words_per_expert(l) + num_experts;  // tile, mask, count
-  const int64_t recv = 2 * l.num_pairs() + 1;                                                    // count + base
-  return static_cast<size_t>(cuda::kPlanBytes + 4 * (send > recv ? send : recv));
+  return static_cast<size_t>(cuda::kPlanBytes + 4 * (cuda::send_table_words(l) + 2 * l.num_pairs() + 1));
 }
 
 cudaError_t prepare_dispatch_kernel(int max_dynamic_smem, size_t smem, int* blocks_per_sm) {

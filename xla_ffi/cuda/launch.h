@@ -30,7 +30,7 @@ struct CudaWorkspace {
   uint64_t* trace;      // [kTraceRows][kTraceMarks] phase times of recent calls (CudaGroup::trace), else unused
 };
 // Phase trace (performance work only, JAX_LL_EP_TRACE=1 at buffer creation): block 0 records %globaltimer at the
-// phase boundaries of each call into row seq % kTraceRows; the last block out records the exit. Word 0 of a row is
+// phase boundaries of each call into row seq % kTraceRows; the latest block end is the exit. Word 0 of a row is
 // (seq << 8) | OpKind, so a reader can tell which call a row belongs to.
 inline constexpr int kTraceRows = 64;
 inline constexpr int kTraceMarks = 8;
@@ -41,6 +41,7 @@ enum TraceMark : int {
   kMarkArrived = 4,   // receive half: block 0 saw every signal
   kMarkReceived = 5,  // receive half: block 0 finished its share of the copies / reductions
   kMarkExit = 6,      // the last block finished
+  kMarkAllSent = 7,   // the last warp of any block left its claim loop (every send item is done but its signal)
 };
 inline constexpr int kNumOps = 2;
 enum OpIndex : int { kOpDispatch = 0, kOpCombine = 1 };

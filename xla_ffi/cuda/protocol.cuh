@@ -78,7 +78,8 @@ struct ErrorInfo {
   uint64_t signal;
 };
 
-__device__ __forceinline__ void record_error(RankState* state, uint32_t* flag, const ErrorInfo& e) {
+// Out of line: errors are rare, and the kernels' hot paths stay small.
+static __device__ __noinline__ void record_error(RankState* state, uint32_t* flag, const ErrorInfo& e) {
   if (atomicCAS(&state->error_code, 0u, static_cast<uint32_t>(e.code)) == 0u) {
     state->error_kind = static_cast<uint32_t>(e.kind);
     state->error_seq = e.seq;
@@ -189,14 +190,18 @@ __device__ __forceinline__ void refuse_call(const CudaGroup& g, OpKind kind, con
   if (plan.send && g.group.ticket_out != nullptr) *g.group.ticket_out = -1;
 }
 
+// Phase trace: the latest time any warp (lane 0) or block (thread 0) reached `mark` (kMarkAllSent, kMarkExit).
+__device__ __forceinline__ void trace_latest(const CudaGroup& g, uint64_t seq, TraceMark mark) {
+  if (!g.trace || lane_id() != 0) return;
+  atomicMax(reinterpret_cast<unsigned long long*>(g.workspace.trace + (seq % kTraceRows) * kTraceMarks + mark),
+            static_cast<unsigned long long>(global_timer_ns()));
+}
+
 // Phase trace: the end of this block's work (the latest block's end is the call's exit).
 __device__ __forceinline__ void trace_exit(const CudaGroup& g, uint64_t seq) {
   if (!g.trace) return;
   __syncthreads();  // the block's work is over
-  if (threadIdx.x == 0) {
-    atomicMax(reinterpret_cast<unsigned long long*>(g.workspace.trace + (seq % kTraceRows) * kTraceMarks + kMarkExit),
-              static_cast<unsigned long long>(global_timer_ns()));
-  }
+  if (threadIdx.x == 0) trace_latest(g, seq, kMarkExit);
 }
 
 // Phase trace (launch.h): block 0's thread 0 records the time of `mark` in the call's row.
@@ -228,62 +233,75 @@ struct WaitContext {
 // pair never arrived (timeout) or a peer's call sequence disagrees (mismatch), both recorded. `slot(p)` is the
 // pair's signal word; `crossed(p)` the same pair's word in the other op kind's array: a peer whose call `seq` is of
 // the other kind signals there, which shows as a mismatch instead of a timeout.
-template <typename Slot, typename Crossed>
-__device__ void warp_wait_signals(const WaitContext& w, int n, Slot slot, Crossed crossed, int32_t* count) {
+// The rare outcomes of a poll, out of line (the polling loop stays small): pair p's signal disagrees with this
+// call (another op kind or a newer call in either signal array, or a corrupt count), or it never came before the
+// deadline. Both are recorded; count[p] = -1.
+static __device__ __noinline__ void pair_failed(const WaitContext& w, int p, const uint64_t* slot,
+                                                const uint64_t* crossed, bool timed_out, int32_t* count) {
+  count[p] = -1;
+  uint64_t seen = load_relaxed_sys(slot);
+  if (timed_out) {
+    w.missing[p] = 1;
+  } else if (classify_signal(seen, w.seq, w.kind) == SignalState::kPending) {
+    seen = load_relaxed_sys(crossed);  // the disagreement is in the other op kind's array
+  }
+  record_error(w.state, w.error_flag,
+               ErrorInfo{timed_out ? ErrorCode::kTimeout : ErrorCode::kSequenceMismatch, w.kind, w.seq,
+                         timed_out ? -1 : 1, p % w.num_ranks, p / w.num_ranks, seen});
+}
+
+// Signals of pairs 0..n-1 are slots[p] (crossed[p]: the same pair in the other op kind's array); pairs of source
+// rank `skip_rank` (a fused call's own pairs, whose count the caller knows; -1: none) are not waited for.
+static __device__ void warp_wait_signals(const WaitContext& w, int n, const uint64_t* slots, const uint64_t* crossed,
+                                         int skip_rank, int32_t* count) {
   constexpr int kPollBatch = 8;
   const int lane = lane_id();
+  const int step_rank = kWarp % w.num_ranks;  // the rank of pair p + 32, from the rank of pair p
+  bool waited = false;
+#pragma unroll 1
   for (int first = 0; first < n; first += kWarp * kPollBatch) {
-    uint32_t pending = 0;
+    uint32_t pending = 0u;
+    int r = (first + lane) % w.num_ranks;
 #pragma unroll
-    for (int j = 0; j < kPollBatch; ++j) pending |= (first + j * kWarp + lane < n ? 1u : 0u) << j;
+    for (int j = 0; j < kPollBatch; ++j) {
+      pending |= (first + j * kWarp + lane < n && r != skip_rank ? 1u : 0u) << j;
+      r += step_rank;
+      r -= r >= w.num_ranks ? w.num_ranks : 0;
+    }
+    waited = waited || pending != 0u;
     while (pending != 0u) {
       uint64_t v[kPollBatch], c[kPollBatch];
 #pragma unroll
       for (int j = 0; j < kPollBatch; ++j) {
         const int p = first + j * kWarp + lane;
         if ((pending >> j) & 1u) {
-          v[j] = load_relaxed_sys(slot(p));  // relaxed: the acquire fence below follows the last observation
-          c[j] = load_relaxed_sys(crossed(p));
+          v[j] = load_relaxed_sys(slots + p);  // relaxed: the acquire fence below follows the last observation
+          c[j] = load_relaxed_sys(crossed + p);
         }
       }
+      uint32_t failed = 0u;
 #pragma unroll
       for (int j = 0; j < kPollBatch; ++j) {
         if (!((pending >> j) & 1u)) continue;
-        const int p = first + j * kWarp + lane;
-        uint64_t seen = v[j];
-        SignalState st = classify_signal(seen, w.seq, w.kind);
-        if (st == SignalState::kPending && classify_signal(c[j], w.seq, w.kind) == SignalState::kMismatch) {
-          seen = c[j];
-          st = SignalState::kMismatch;
-        }
-        if (st == SignalState::kPending) continue;
-        pending &= ~(1u << j);
-        const int32_t announced = static_cast<int32_t>(signal_count(seen));
-        if (st == SignalState::kArrived && announced <= w.max_count) {
-          count[p] = announced;
-        } else {
-          count[p] = -1;
-          record_error(
-              w.state, w.error_flag,
-              ErrorInfo{ErrorCode::kSequenceMismatch, w.kind, w.seq, 1, p % w.num_ranks, p / w.num_ranks, seen});
-        }
+        const SignalState st = classify_signal(v[j], w.seq, w.kind);
+        const bool counted = st == SignalState::kArrived && signal_count(v[j]) <= static_cast<uint32_t>(w.max_count);
+        if (counted) count[first + j * kWarp + lane] = static_cast<int32_t>(signal_count(v[j]));
+        const bool bad =
+            st == SignalState::kPending ? classify_signal(c[j], w.seq, w.kind) == SignalState::kMismatch : !counted;
+        failed |= (bad ? 1u : 0u) << j;
+        pending &= ~((counted || bad ? 1u : 0u) << j);
       }
-      if (pending != 0u && global_timer_ns() > w.deadline_ns) {
-#pragma unroll
-        for (int j = 0; j < kPollBatch; ++j) {
-          if (!((pending >> j) & 1u)) continue;
-          const int p = first + j * kWarp + lane;
-          count[p] = -1;
-          w.missing[p] = 1;
-          record_error(w.state, w.error_flag,
-                       ErrorInfo{ErrorCode::kTimeout, w.kind, w.seq, -1, p % w.num_ranks, p / w.num_ranks, v[j]});
-        }
-        pending = 0u;
+      const uint32_t timed_out = pending != 0u && global_timer_ns() > w.deadline_ns ? pending : 0u;
+      for (uint32_t rest = failed | timed_out; rest != 0u; rest &= rest - 1u) {
+        const int p = first + (__ffs(rest) - 1) * kWarp + lane;
+        pair_failed(w, p, slots + p, crossed + p, (timed_out & (rest & (0u - rest))) != 0u, count);
       }
+      pending &= ~timed_out;
     }
   }
   // acquire: together with the relaxed observations above, the data announced by every signal is visible to this
   // warp, and to the rest of the block after the barrier that follows every call of this function.
+  if (!waited) return;
   if (w.peers_remote) {
     fence_acquire_sys();
   } else {
@@ -302,15 +320,19 @@ template <typename Visit>
 __device__ void for_each_topk_entry(const int32_t* topk, int n, int k_count, int32_t* tile, Visit visit) {
   const int rows_per_tile = kTopkTile / k_count;
   if (n <= 0) __syncthreads();  // (no tile: still a barrier, as promised)
+#pragma unroll 1
   for (int t0 = 0; t0 < n; t0 += rows_per_tile) {
     const int entries = (n - t0 < rows_per_tile ? n - t0 : rows_per_tile) * k_count;
     const int32_t* src = topk + static_cast<int64_t>(t0) * k_count;
+#pragma unroll 1
     for (int i = threadIdx.x; i < entries; i += blockDim.x) tile[i] = src[i];
     __syncthreads();  // the tile is staged (and whatever the caller cleared before is visible)
+#pragma unroll 1
     for (int i = threadIdx.x; i < entries; i += blockDim.x) {
       const int row = i / k_count, k = i % k_count;
       const int32_t id = tile[i];
       bool first = true;
+#pragma unroll 1
       for (int j = 0; j < k; ++j) first = first && tile[row * k_count + j] != id;
       visit(t0 + row, k, id, first, tile + row * k_count);
     }
@@ -337,6 +359,7 @@ __host__ __device__ __forceinline__ int words_per_expert(const Layout& l) { retu
 // Bit i of mask word w: token 32w + i chose the expert. The slot of token t = the tokens before t that chose it.
 __device__ __forceinline__ int32_t slot_of(const uint32_t* expert_mask, int t) {
   int32_t s = __popc(expert_mask[t / 32] & ((1u << (t % 32)) - 1u));
+#pragma unroll 1
   for (int w = 0; w < t / 32; ++w) s += __popc(expert_mask[w]);
   return s;
 }
@@ -350,6 +373,7 @@ __device__ __forceinline__ void block_exclusive_scan(const int32_t* counts, int3
   if (threadIdx.x < kWarp) {
     const int lane = threadIdx.x;
     int32_t running = 0;
+#pragma unroll 1
     for (int start = 0; start < n; start += kWarp) {
       const int i = start + lane;
       const int32_t v = i < n ? counts[i] : 0;
@@ -423,13 +447,28 @@ struct PeerRef {
   int pe;
 };
 
+// The NVSHMEM calls of the put path, out of line: NVSHMEM's device functions are large, and inlined into every call
+// site they would multiply the kernels' code (the direct-store path must stay small to stay in instruction cache).
+static __device__ __noinline__ void put_warp(uint8_t* symmetric_dst, const uint8_t* src, int64_t bytes, int pe) {
+  nvshmemx_putmem_nbi_warp(symmetric_dst, src, static_cast<size_t>(bytes), pe);
+}
+static __device__ __noinline__ void put_words(uint64_t* symmetric_dst, uint64_t lo, uint64_t hi, int pe) {
+  nvshmem_uint64_p(symmetric_dst, lo, pe);
+  nvshmem_uint64_p(symmetric_dst + 1, hi, pe);
+}
+// quiet first (with_quiet): the puts issued so far are complete (delivered) before the signal is issued.
+static __device__ __noinline__ void put_signal(uint64_t* symmetric_slot, uint64_t value, int pe, bool with_quiet) {
+  if (with_quiet) nvshmem_quiet();
+  nvshmemx_signal_op(symmetric_slot, value, NVSHMEM_SIGNAL_SET, pe);
+}
+
 // Warp-wide copy of `bytes` (a multiple of 16, both pointers 16-byte aligned) to the peer's `dst_offset`.
 __device__ __forceinline__ void warp_copy_to_peer(const PeerRef& peer, uint8_t* local_base, int64_t dst_offset,
                                                   const uint8_t* src, int64_t bytes) {
   if (peer.peer_base != nullptr) {
     warp_copy16(reinterpret_cast<int4*>(peer.peer_base + dst_offset), reinterpret_cast<const int4*>(src), bytes / 16);
   } else {
-    nvshmemx_putmem_nbi_warp(local_base + dst_offset, src, static_cast<size_t>(bytes), peer.pe);
+    put_warp(local_base + dst_offset, src, bytes, peer.pe);
   }
 }
 
@@ -441,9 +480,7 @@ __device__ __forceinline__ void put_16_bytes(const PeerRef& peer, uint8_t* local
     d[0] = lo;
     d[1] = hi;
   } else {
-    uint64_t* d = reinterpret_cast<uint64_t*>(local_base + dst_offset);
-    nvshmem_uint64_p(d, lo, peer.pe);
-    nvshmem_uint64_p(d + 1, hi, peer.pe);
+    put_words(reinterpret_cast<uint64_t*>(local_base + dst_offset), lo, hi, peer.pe);
   }
 }
 
@@ -460,9 +497,7 @@ __device__ __forceinline__ void send_signal(const PeerRef& peer, uint8_t* local_
     // acquires this signal.
     store_release_sys(reinterpret_cast<uint64_t*>(peer.peer_base + slot_offset), value);
   } else {
-    // quiet: the puts issued so far are complete (delivered) before the signal is issued.
-    nvshmem_quiet();
-    nvshmemx_signal_op(reinterpret_cast<uint64_t*>(local_base + slot_offset), value, NVSHMEM_SIGNAL_SET, peer.pe);
+    put_signal(reinterpret_cast<uint64_t*>(local_base + slot_offset), value, peer.pe, true);
   }
 }
 
@@ -474,7 +509,7 @@ __device__ __forceinline__ void send_empty_signal(const PeerRef& peer, uint8_t* 
   if (peer.peer_base != nullptr) {
     store_relaxed_sys(reinterpret_cast<uint64_t*>(peer.peer_base + slot_offset), value);
   } else {
-    nvshmemx_signal_op(reinterpret_cast<uint64_t*>(local_base + slot_offset), value, NVSHMEM_SIGNAL_SET, peer.pe);
+    put_signal(reinterpret_cast<uint64_t*>(local_base + slot_offset), value, peer.pe, false);
   }
 }
 
