@@ -341,6 +341,24 @@ def gpu_suite(args) -> int:
     return 1 if failed else 0
 
 
+def merge(args) -> int:
+    """Re-aggregates the workers of several result files (e.g. 1 rank and 2/4/8 ranks measured in separate device
+    calls of the same session and card) into one result: floors use the copy bandwidth measured in them."""
+    per_ranks: dict[int, list[dict]] = {}
+    config: dict = {}
+    for path in args.merge:
+        result = json.loads(Path(path).read_text())
+        cards = {result["meta"]["card"]}
+        for ranks, workers in result["workers"].items():
+            per_ranks[int(ranks)] = workers
+        config = config or dict(result["meta"]["config"])
+        config.setdefault("merged_from", []).append(Path(path).name)
+    if len(cards) != 1:
+        raise SystemExit("refusing to merge results from different cards")
+    report(per_ranks, config, args, final=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=("gpu", "cpu"), required=True)
@@ -378,7 +396,12 @@ def main() -> int:
         rest = argv[2:] if argv[:2] == ["--suite", "cpu"] else argv[1:]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         return subprocess.call([sys.executable, str(HERE / "bench_cpu.py"), *rest], cwd=ROOT, env=env)
+    parser.add_argument(
+        "--merge", nargs="+", default=[], help="result JSON files to re-aggregate into one result (nothing is run)"
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args)
     if args.suite == "cpu":
         parser.error("--suite cpu must come first; its other options are those of benchmarks/bench_cpu.py")
     return gpu_suite(args)
