@@ -346,10 +346,9 @@ def phase_trace(buf, stamps_ns: np.ndarray, warmup_calls: int) -> dict:
     """With JAX_LL_EP_TRACE=1: where the time of each op of the last execution went (median us per phase). The
     kernels' rows (xla_ffi/cuda/launch.h) give block 0's phase boundaries and the last block's exit; the stamps
     around the op give the launch gap before entry and the gap after exit."""
-    module = _cuda_backend._module
-    rows, marks = module.trace_shape()
-    trace = np.frombuffer(module.read_trace(buf.handle), np.uint64).reshape(rows, marks).astype(np.int64)
-    last_seq = int(module.read_state(buf.handle)["seq"])
+    rows, marks = _cuda_backend._module.trace_shape()
+    raw, last_seq = buf._impl.trace()
+    trace = np.frombuffer(raw, np.uint64).reshape(rows, marks).astype(np.int64)
     ops = len(stamps_ns) - 1
     out: dict = {}
     for i in range(2 * warmup_calls, ops):

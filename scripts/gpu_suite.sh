@@ -5,7 +5,8 @@
 # 2. builds the CUDA module when jax_ll_ep/_jax_ll_ep_cuda*.so is missing (CMake + the image's nvcc),
 # 3. starts the CUDA MPS daemon (private pipe/log folders) so that several rank processes share the GPU
 #    concurrently; each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks,
-# 4. runs tests/gpu with 1 rank and with 2, 4 and 8 ranks (JAX_LL_EP_GPU_RANKS overrides),
+# 4. runs tests/gpu with 1 rank and with 2, 4 and 8 ranks (JAX_LL_EP_GPU_RANKS overrides), and one process
+#    driving every visible GPU (the peer-access transport),
 # 5. stops MPS and runs compute-sanitizer (memcheck, racecheck) on a small 2-rank case,
 # 6. prints a summary. Logs and results go to OUT_DIR (default build/gpu-suite).
 # JAX_LL_EP_GPU_RANKS (default 1,2,4,8) picks the rank counts; JAX_LL_EP_GPU_SANITIZER=0 skips step 5.

@@ -1,5 +1,6 @@
 """The GPU suite: the cuda backend against the NumPy oracle with 1 rank and with 2, 4 and 8 ranks as processes
-sharing GPU 0 (one process per rank, ``jax.distributed.initialize(local_device_ids=[0])``).
+sharing GPU 0 (one process per rank, ``jax.distributed.initialize(local_device_ids=[0])``), and one process driving
+every visible GPU (the peer-access transport, tests/gpu/single_process_worker.py).
 
 Run it with ``scripts/gpu_suite.sh`` (it starts the CUDA MPS daemon, which the ranks' spin-waiting kernels need to
 run concurrently, and gives each process its share of the GPU). Each rank count starts its processes once and runs
@@ -121,3 +122,33 @@ def test_gpu_processes_exit_cleanly(num_ranks):
     run = suite(num_ranks)
     bad = {r: c for r, c in enumerate(run["returncodes"]) if c != 0}
     assert not bad, f"exit codes {bad}; log tails:\n" + "\n".join(run["logs"][r] for r in bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One process driving every visible GPU (the peer-access transport; tests/gpu/single_process_worker.py)
+# ---------------------------------------------------------------------------------------------------------------
+SINGLE_WORKER = os.path.join(os.path.dirname(WORKER), "single_process_worker.py")
+SINGLE_CHECKS = ["roundtrip", "back_to_back", "mesh_2d"]
+_single: dict = {}
+
+
+@pytest.mark.parametrize("check", SINGLE_CHECKS, ids=lambda c: f"1proc-{c}")
+def test_single_process(check):
+    if not _single:
+        base = os.environ.get("JAX_LL_EP_GPU_OUT") or tempfile.mkdtemp(prefix="jax_ll_ep_gpu_")
+        out_dir = os.path.join(base, "single_process")
+        env = worker_env(1)
+        env.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)  # the one process may use the whole GPU(s)
+        run = launch_ranks(
+            [[sys.executable, SINGLE_WORKER, out_dir]], log_dir=out_dir, deadline_s=SUITE_TIMEOUT_S, env=env
+        )
+        path = os.path.join(out_dir, "result.json")
+        _single["results"] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                _single["results"] = json.load(f)
+        _single["log"] = run.logs[0][-3000:]
+        _single["returncode"] = run.returncodes[0]
+    res = _single["results"].get(check)
+    assert res is not None, f"no result (exit code {_single['returncode']}); log tail:\n{_single['log']}"
+    assert res["ok"], res["error"]

@@ -10,9 +10,11 @@
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -44,8 +46,11 @@ struct BufferEntry {
   uint32_t* host_flag = nullptr;  // cudaHostAlloc (mapped)
 };
 
+// One entry per (buffer handle, CUDA device): a process driving several GPUs of a buffer's mesh (the peer-access
+// transport) holds one rank per GPU, each its own entry; with NVSHMEM a process holds exactly one.
+using EntryKey = std::pair<int64_t, int>;
 std::mutex g_mutex;
-std::unordered_map<int64_t, std::unique_ptr<BufferEntry>> g_buffers;
+std::map<EntryKey, std::unique_ptr<BufferEntry>> g_buffers;
 
 const char* error_name(uint32_t code) {
   switch (static_cast<ErrorCode>(code)) {
@@ -69,14 +74,22 @@ const char* error_name(uint32_t code) {
   return "unknown error";
 }
 
-// A copy of the entry's launch data and error flag, or an error naming the handle.
-ffi::ErrorOr<BufferEntry> lookup(int64_t buffer_id) {
+// A copy of the entry's launch data and error flag for the device the call runs on, or an error naming the handle.
+ffi::ErrorOr<BufferEntry> lookup(int64_t buffer_id, int32_t device) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  auto it = g_buffers.find(buffer_id);
+  auto it = g_buffers.find({buffer_id, device});
   if (it == g_buffers.end()) {
+    // XLA's device ordinal should be the CUDA ordinal the buffer registered (local_hardware_id); a process with a
+    // single entry for the handle (the NVSHMEM transport: one GPU per process) uses it whatever the numbering.
+    auto first = g_buffers.lower_bound({buffer_id, INT32_MIN});
+    if (first != g_buffers.end() && first->first.first == buffer_id) {
+      auto next = std::next(first);
+      if (next == g_buffers.end() || next->first.first != buffer_id) return *first->second;
+    }
     return ffi::Error::InvalidArgument("jax_ll_ep: buffer handle " + std::to_string(buffer_id) +
-                                       " is not an open cuda buffer in this process (closed, or created for "
-                                       "another backend)");
+                                       " is not an open cuda buffer on CUDA device " + std::to_string(device) +
+                                       " in this process (closed, created for another backend, or for a mesh "
+                                       "without this device)");
   }
   return *it->second;
 }
@@ -217,10 +230,10 @@ ffi::Error fill_combine_receives(const Layout& l, ffi::AnyBuffer topk, ffi::AnyB
 // ---------------------------------------------------------------------------------------------------------------
 using Out = ffi::Result<ffi::AnyBuffer>;
 
-ffi::Error dispatch_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer x, ffi::AnyBuffer topk, Out recv_x,
-                         Out recv_scale, Out recv_count, Out src_info, Out layout_range, Out src_topk_pos,
+ffi::Error dispatch_impl(cudaStream_t stream, int32_t device, ffi::Token, ffi::AnyBuffer x, ffi::AnyBuffer topk,
+                         Out recv_x, Out recv_scale, Out recv_count, Out src_info, Out layout_range, Out src_topk_pos,
                          ffi::Result<ffi::Token>, int64_t buffer_id, int32_t fp8_mode) {
-  auto b = lookup(buffer_id);
+  auto b = lookup(buffer_id, device);
   if (b.has_error()) return b.error();
   DispatchArgs a = {};
   const Layout& l = b->group.group.layout;
@@ -232,9 +245,9 @@ ffi::Error dispatch_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer x, ffi:
   return launch_and_report(*b, buffer_id, [&] { return run_dispatch(g, a, stream); });
 }
 
-ffi::Error dispatch_send_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer x, ffi::AnyBuffer topk, Out ticket,
-                              ffi::Result<ffi::Token>, int64_t buffer_id, int32_t fp8_mode) {
-  auto b = lookup(buffer_id);
+ffi::Error dispatch_send_impl(cudaStream_t stream, int32_t device, ffi::Token, ffi::AnyBuffer x, ffi::AnyBuffer topk,
+                              Out ticket, ffi::Result<ffi::Token>, int64_t buffer_id, int32_t fp8_mode) {
+  auto b = lookup(buffer_id, device);
   if (b.has_error()) return b.error();
   DispatchArgs a = {};
   JLE_RETURN_IF_ERROR(fill_dispatch_inputs(b->group.group.layout, x, topk, fp8_mode, a));
@@ -244,10 +257,10 @@ ffi::Error dispatch_send_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer x,
   return launch_and_report(*b, buffer_id, [&] { return run_dispatch(g, a, stream); });
 }
 
-ffi::Error dispatch_recv_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer ticket, Out recv_x, Out recv_scale,
-                              Out recv_count, Out src_info, Out layout_range, Out src_topk_pos, ffi::Result<ffi::Token>,
-                              int64_t buffer_id, int32_t fp8_mode) {
-  auto b = lookup(buffer_id);
+ffi::Error dispatch_recv_impl(cudaStream_t stream, int32_t device, ffi::Token, ffi::AnyBuffer ticket, Out recv_x,
+                              Out recv_scale, Out recv_count, Out src_info, Out layout_range, Out src_topk_pos,
+                              ffi::Result<ffi::Token>, int64_t buffer_id, int32_t fp8_mode) {
+  auto b = lookup(buffer_id, device);
   if (b.has_error()) return b.error();
   DispatchArgs a = {};
   a.fp8_mode = static_cast<Fp8Mode>(fp8_mode);
@@ -259,10 +272,10 @@ ffi::Error dispatch_recv_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer ti
   return launch_and_report(*b, buffer_id, [&] { return run_dispatch(g, a, stream); });
 }
 
-ffi::Error combine_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer y, ffi::AnyBuffer src_info,
+ffi::Error combine_impl(cudaStream_t stream, int32_t device, ffi::Token, ffi::AnyBuffer y, ffi::AnyBuffer src_info,
                         ffi::AnyBuffer layout_range, ffi::AnyBuffer src_topk_pos, ffi::AnyBuffer topk,
                         ffi::AnyBuffer weights, Out out, ffi::Result<ffi::Token>, int64_t buffer_id) {
-  auto b = lookup(buffer_id);
+  auto b = lookup(buffer_id, device);
   if (b.has_error()) return b.error();
   CombineArgs a = {};
   const Layout& l = b->group.group.layout;
@@ -273,10 +286,10 @@ ffi::Error combine_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer y, ffi::
   return launch_and_report(*b, buffer_id, [&] { return run_combine(g, a, stream); });
 }
 
-ffi::Error combine_send_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer y, ffi::AnyBuffer src_info,
+ffi::Error combine_send_impl(cudaStream_t stream, int32_t device, ffi::Token, ffi::AnyBuffer y, ffi::AnyBuffer src_info,
                              ffi::AnyBuffer layout_range, ffi::AnyBuffer src_topk_pos, Out ticket,
                              ffi::Result<ffi::Token>, int64_t buffer_id) {
-  auto b = lookup(buffer_id);
+  auto b = lookup(buffer_id, device);
   if (b.has_error()) return b.error();
   CombineArgs a = {};
   JLE_RETURN_IF_ERROR(fill_combine_sends(b->group.group.layout, y, src_info, layout_range, src_topk_pos, a));
@@ -286,9 +299,10 @@ ffi::Error combine_send_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer y, 
   return launch_and_report(*b, buffer_id, [&] { return run_combine(g, a, stream); });
 }
 
-ffi::Error combine_recv_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer ticket, ffi::AnyBuffer topk,
-                             ffi::AnyBuffer weights, Out out, ffi::Result<ffi::Token>, int64_t buffer_id) {
-  auto b = lookup(buffer_id);
+ffi::Error combine_recv_impl(cudaStream_t stream, int32_t device, ffi::Token, ffi::AnyBuffer ticket,
+                             ffi::AnyBuffer topk, ffi::AnyBuffer weights, Out out, ffi::Result<ffi::Token>,
+                             int64_t buffer_id) {
+  auto b = lookup(buffer_id, device);
   if (b.has_error()) return b.error();
   CombineArgs a = {};
   JLE_RETURN_IF_ERROR(fill_combine_receives(b->group.group.layout, topk, weights, *out, a));
@@ -300,8 +314,8 @@ ffi::Error combine_recv_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer tic
 
 // Benchmarks: the device time at this point of the buffer's call sequence. `dep` only orders the stamp after the
 // values it is computed from (the benchmarks pass a scalar that depends on the previous call's results).
-ffi::Error timestamp_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer dep, Out stamp, ffi::Result<ffi::Token>,
-                          int64_t buffer_id) {
+ffi::Error timestamp_impl(cudaStream_t stream, int32_t /*device*/, ffi::Token, ffi::AnyBuffer dep, Out stamp,
+                          ffi::Result<ffi::Token>, int64_t buffer_id) {
   JLE_RETURN_IF_ERROR(check_dims("stamp", stamp->dimensions(), {2}));
   JLE_RETURN_IF_ERROR(check_type("stamp", stamp->element_type(), ffi::DataType::S32));
   const cudaError_t status = record_timestamp(static_cast<uint32_t*>(stamp->untyped_data()), stream);
@@ -313,7 +327,9 @@ ffi::Error timestamp_impl(cudaStream_t stream, ffi::Token, ffi::AnyBuffer dep, O
 
 #undef JLE_RETURN_IF_ERROR
 
-auto bind() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Arg<ffi::Token>(); }
+auto bind() {
+  return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>().Arg<ffi::Token>();
+}
 constexpr auto kTraits = ffi::Traits::kCmdBufferCompatible;
 
 XLA_FFI_DEFINE_HANDLER(kDispatch, dispatch_impl,
@@ -417,7 +433,9 @@ void register_buffer(int64_t handle, int device, int32_t num_ranks, int32_t num_
   }
   {
     std::lock_guard<std::mutex> lock(g_mutex);
-    if (g_buffers.count(handle)) throw std::invalid_argument("jax_ll_ep: buffer handle registered twice");
+    if (g_buffers.count({handle, device})) {
+      throw std::invalid_argument("jax_ll_ep: buffer handle registered twice for one device");
+    }
   }
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   int blocks_per_sm[kNumOps] = {1, 1};
@@ -471,29 +489,29 @@ void register_buffer(int64_t handle, int device, int32_t num_ranks, int32_t num_
   const char* trace = std::getenv("JAX_LL_EP_TRACE");
   g.trace = trace != nullptr && std::strcmp(trace, "1") == 0 ? 1 : 0;
   std::lock_guard<std::mutex> lock(g_mutex);
-  g_buffers[handle] = std::move(b);
+  g_buffers[{handle, device}] = std::move(b);
 }
 
-std::unique_ptr<BufferEntry> take(int64_t handle) {
+std::unique_ptr<BufferEntry> take(int64_t handle, int device) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  auto it = g_buffers.find(handle);
+  auto it = g_buffers.find({handle, device});
   if (it == g_buffers.end()) return nullptr;
   auto b = std::move(it->second);
   g_buffers.erase(it);
   return b;
 }
 
-BufferEntry& entry(int64_t handle) {
+BufferEntry& entry(int64_t handle, int device) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  auto it = g_buffers.find(handle);
-  if (it == g_buffers.end()) throw std::invalid_argument("jax_ll_ep: unknown cuda buffer handle");
+  auto it = g_buffers.find({handle, device});
+  if (it == g_buffers.end()) throw std::invalid_argument("jax_ll_ep: unknown cuda buffer handle for this device");
   return *it->second;
 }
 
 // Frees the buffer's private resources after all of this process's work on the device has finished. The
 // symmetric region itself is freed collectively by Python (nvshmem4py).
-void unregister_buffer(int64_t handle) {
-  std::unique_ptr<BufferEntry> b = take(handle);
+void unregister_buffer(int64_t handle, int device) {
+  std::unique_ptr<BufferEntry> b = take(handle, device);
   if (!b) return;
   cudaSetDevice(b->device);
   cudaDeviceSynchronize();
@@ -504,8 +522,8 @@ void unregister_buffer(int64_t handle) {
 }
 
 // The rank's RankState and missing table, after a device synchronisation (every enqueued call has finished).
-nb::dict read_state(int64_t handle) {
-  BufferEntry& b = entry(handle);
+nb::dict read_state(int64_t handle, int device) {
+  BufferEntry& b = entry(handle, device);
   const Layout& l = b.group.group.layout;
   check_cuda(cudaSetDevice(b.device), "cudaSetDevice");
   check_cuda(cudaDeviceSynchronize(), "synchronize before reading the error record");
@@ -533,8 +551,8 @@ nb::dict read_state(int64_t handle) {
 }
 
 // Clears the error record, the missing table and the host flag (after a device synchronisation).
-void clear_error(int64_t handle) {
-  BufferEntry& b = entry(handle);
+void clear_error(int64_t handle, int device) {
+  BufferEntry& b = entry(handle, device);
   const Layout& l = b.group.group.layout;
   check_cuda(cudaSetDevice(b.device), "cudaSetDevice");
   check_cuda(cudaDeviceSynchronize(), "synchronize before clearing the error record");
@@ -558,13 +576,52 @@ void clear_error(int64_t handle) {
 
 // The phase trace (launch.h) of the buffer's recent calls, after a device synchronisation: kTraceRows rows of
 // kTraceMarks uint64 words as bytes (all zero unless the buffer was created with JAX_LL_EP_TRACE=1).
-nb::bytes read_trace(int64_t handle) {
-  BufferEntry& b = entry(handle);
+nb::bytes read_trace(int64_t handle, int device) {
+  BufferEntry& b = entry(handle, device);
   check_cuda(cudaSetDevice(b.device), "cudaSetDevice");
   check_cuda(cudaDeviceSynchronize(), "synchronize before reading the trace");
   std::string rows(sizeof(uint64_t) * kTraceRows * kTraceMarks, '\0');
   check_cuda(cudaMemcpy(rows.data(), b.group.workspace.trace, rows.size(), cudaMemcpyDeviceToHost), "read trace");
   return nb::bytes(rows.data(), rows.size());
+}
+
+// The peer-access transport (one process, several GPUs): each rank's region is a plain device allocation on its GPU,
+// and every GPU of the group maps every other's through peer access, so the kernels' peer pointers are the
+// allocations themselves.
+uintptr_t alloc_region(int device, int64_t bytes) {
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  void* p = nullptr;
+  check_cuda(cudaMalloc(&p, static_cast<size_t>(bytes)), "region allocation");
+  return reinterpret_cast<uintptr_t>(p);
+}
+
+void free_region(int device, uintptr_t region) {
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  check_cuda(cudaDeviceSynchronize(), "synchronize before freeing a region");
+  check_cuda(cudaFree(reinterpret_cast<void*>(region)), "region free");
+}
+
+void enable_peer_access(const std::vector<int>& devices) {
+  for (int from : devices) {
+    for (int to : devices) {
+      if (from == to) continue;
+      int can = 0;
+      check_cuda(cudaDeviceCanAccessPeer(&can, from, to), "cudaDeviceCanAccessPeer");
+      if (!can) {
+        throw std::runtime_error("jax_ll_ep: CUDA device " + std::to_string(from) + " cannot access device " +
+                                 std::to_string(to) +
+                                 " as a peer; one process driving several GPUs needs peer access between all of "
+                                 "them (NVLink or PCIe P2P), else run one process per GPU (NVSHMEM)");
+      }
+      check_cuda(cudaSetDevice(from), "cudaSetDevice");
+      const cudaError_t e = cudaDeviceEnablePeerAccess(to, 0);
+      if (e == cudaErrorPeerAccessAlreadyEnabled) {
+        cudaGetLastError();  // (not sticky) clear it
+      } else {
+        check_cuda(e, "cudaDeviceEnablePeerAccess");
+      }
+    }
+  }
 }
 
 nb::capsule handler_capsule(XLA_FFI_Handler* h) { return nb::capsule(reinterpret_cast<void*>(h)); }
@@ -598,10 +655,13 @@ NB_MODULE(_jax_ll_ep_cuda, m) {
   m.def("register_buffer", &register_buffer, nb::arg("handle"), nb::arg("device"), nb::arg("num_ranks"),
         nb::arg("num_experts"), nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("rank"), nb::arg("region"),
         nb::arg("peer_regions"), nb::arg("peer_pes"), nb::arg("timeout_s"));
-  m.def("unregister_buffer", &unregister_buffer, nb::arg("handle"));
-  m.def("read_state", &read_state, nb::arg("handle"));
-  m.def("clear_error", &clear_error, nb::arg("handle"));
-  m.def("read_trace", &read_trace, nb::arg("handle"));
+  m.def("unregister_buffer", &unregister_buffer, nb::arg("handle"), nb::arg("device"));
+  m.def("read_state", &read_state, nb::arg("handle"), nb::arg("device"));
+  m.def("clear_error", &clear_error, nb::arg("handle"), nb::arg("device"));
+  m.def("read_trace", &read_trace, nb::arg("handle"), nb::arg("device"));
+  m.def("alloc_region", &alloc_region, nb::arg("device"), nb::arg("bytes"));
+  m.def("free_region", &free_region, nb::arg("device"), nb::arg("region"));
+  m.def("enable_peer_access", &enable_peer_access, nb::arg("devices"));
   m.def("trace_shape", []() { return nb::make_tuple(kTraceRows, kTraceMarks); });
   m.def(
       "mem_get_info",
