@@ -183,7 +183,8 @@ def per_device_shard_map(buf: Buffer, fn: Callable) -> Callable:
 # ---------------------------------------------------------------------------------------------------------------
 # Runners: per-device NumPy in, per-device NumPy out
 # ---------------------------------------------------------------------------------------------------------------
-def _dispatch_outputs(outs) -> dict:
+def dispatch_outputs(outs) -> dict:
+    """dispatch's results as a dict of arrays (the oracle's field names; recv_scale None without fp8)."""
     recv_x, recv_count, handle = outs
     if isinstance(recv_x, Fp8Array):
         recv_x, recv_scale = recv_x.data, recv_x.scale
@@ -206,7 +207,7 @@ def _split_dispatch(buf: Buffer, out: dict) -> list[dict]:
 
 @functools.cache
 def _dispatch_fn(buf: Buffer, fp8: Fp8Options | None):
-    return per_device_shard_map(buf, lambda x, t: _dispatch_outputs(dispatch(buf, x, t, fp8=fp8)))
+    return per_device_shard_map(buf, lambda x, t: dispatch_outputs(dispatch(buf, x, t, fp8=fp8)))
 
 
 @functools.cache
@@ -256,7 +257,7 @@ def _roundtrip_fn(buf: Buffer, fp8: Fp8Options | None, expert_fn: Callable | Non
         recv_x, recv_count, handle = dispatch(buf, x, topk_idx, fp8=fp8)
         y = dequantize(recv_x) if expert_fn is None else expert_fn(recv_x, recv_count)
         out = combine(buf, y, topk_idx, weights, handle)
-        return out, _dispatch_outputs((recv_x, recv_count, handle))
+        return out, dispatch_outputs((recv_x, recv_count, handle))
 
     return per_device_shard_map(buf, body)
 

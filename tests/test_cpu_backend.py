@@ -168,7 +168,7 @@ def _split_roundtrip_fn(buf: ep.Buffer, fp8: ep.Fp8Options | None):
         y = testing.dequantize(recv_x)
         cpending = ep.combine_send(buf, y, topk_idx, weights, handle)
         out = ep.combine_recv(buf, cpending)
-        return out, testing._dispatch_outputs((recv_x, recv_count, handle)), overlap[None]
+        return out, testing.dispatch_outputs((recv_x, recv_count, handle)), overlap[None]
 
     return testing.per_device_shard_map(buf, body)
 
@@ -202,7 +202,7 @@ def _send_fn(buf):
 
 def _recv_fn(buf):
     def body(ticket):
-        return testing._dispatch_outputs(ep.dispatch_recv(buf, ep.DispatchPending(ticket, None)))
+        return testing.dispatch_outputs(ep.dispatch_recv(buf, ep.DispatchPending(ticket, None)))
 
     return testing.per_device_shard_map(buf, body)
 
@@ -442,12 +442,12 @@ def _scan_fn(buf: ep.Buffer, sequence: str):
         def step(carry, args):
             x, topk_idx, w, y, si, lr, sp = args
             if sequence == "dispatch":
-                return carry, testing._dispatch_outputs(ep.dispatch(buf, x, topk_idx))
+                return carry, testing.dispatch_outputs(ep.dispatch(buf, x, topk_idx))
             if sequence == "combine":
                 return carry, ep.combine(buf, y, topk_idx, w, ep.DispatchHandle(si, lr, sp))
             recv_x, recv_count, handle = ep.dispatch(buf, x, topk_idx)
             out = ep.combine(buf, recv_x, topk_idx, w, handle)  # identity experts: y = recv_x
-            return carry, (testing._dispatch_outputs((recv_x, recv_count, handle)), out)
+            return carry, (testing.dispatch_outputs((recv_x, recv_count, handle)), out)
 
         return jax.lax.scan(step, None, (xs, topks, weights, ys, src_info, layout_range, src_topk_pos))[1]
 

@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 
 import jax_ll_ep as ep  # noqa: E402
 from jax_ll_ep import testing  # noqa: E402
-from jax_ll_ep.types import DispatchHandle, Fp8Array  # noqa: E402
+from jax_ll_ep.types import DispatchHandle  # noqa: E402
 
 DEVICES = sorted(jax.devices(), key=lambda d: d.process_index)  # flat index == process index == rank
 TIMEOUT_S = 30.0  # generous: a protocol bug shows as a timeout error, never as a hang
@@ -99,21 +99,6 @@ def make_buffer(mesh=None, *, num_experts, max_tokens, hidden, timeout_s=TIMEOUT
     )
 
 
-def dispatch_dict(outs) -> dict:
-    recv_x, recv_count, handle = outs
-    scale = None
-    if isinstance(recv_x, Fp8Array):
-        recv_x, scale = recv_x.data, recv_x.scale
-    return dict(
-        recv_x=recv_x,
-        recv_scale=scale,
-        recv_count=recv_count,
-        src_info=handle.src_info,
-        layout_range=handle.layout_range,
-        src_topk_pos=handle.src_topk_pos,
-    )
-
-
 def local_dict(d: dict) -> dict:
     return {k: (None if v is None else local(v)) for k, v in d.items()}
 
@@ -124,7 +109,9 @@ _fns: dict = {}
 def dispatch_fn(buf, fp8):
     key = ("dispatch", buf.handle, fp8)
     if key not in _fns:
-        _fns[key] = testing.per_device_shard_map(buf, lambda x, t: dispatch_dict(ep.dispatch(buf, x, t, fp8=fp8)))
+        _fns[key] = testing.per_device_shard_map(
+            buf, lambda x, t: testing.dispatch_outputs(ep.dispatch(buf, x, t, fp8=fp8))
+        )
     return _fns[key]
 
 
@@ -310,7 +297,7 @@ def check_split_forms():
             y = recv_x.astype(jnp.float32) * 0.5 + 1.0
             cp = ep.combine_send(buf, y.astype(jnp.bfloat16), t, w, handle)
             out = ep.combine_recv(buf, cp)
-            return out, x2, dispatch_dict((recv_x, recv_count, handle))
+            return out, x2, testing.dispatch_outputs((recv_x, recv_count, handle))
 
         _fns[key] = testing.per_device_shard_map(buf, body)
     rng, xs, topks, ws = main_inputs(800)

@@ -322,10 +322,7 @@ size_t combine_smem_bytes(const Layout& l) {
 }
 
 cudaError_t prepare_combine_kernel(int max_dynamic_smem, size_t smem, int* blocks_per_sm) {
-  const cudaError_t e =
-      cudaFuncSetAttribute(cuda::combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem);
-  if (e != cudaSuccess) return e;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, cuda::combine_kernel, cuda::kThreads, smem);
+  return cuda::prepare_kernel(cuda::combine_kernel, cuda::kThreads, max_dynamic_smem, smem, blocks_per_sm);
 }
 
 cudaError_t run_combine(const CudaGroup& g, const CombineArgs& args, cudaStream_t stream) {

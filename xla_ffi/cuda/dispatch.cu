@@ -467,10 +467,7 @@ size_t dispatch_smem_bytes(const Layout& l) {
 }
 
 cudaError_t prepare_dispatch_kernel(int max_dynamic_smem, size_t smem, int* blocks_per_sm) {
-  const cudaError_t e =
-      cudaFuncSetAttribute(cuda::dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem);
-  if (e != cudaSuccess) return e;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, cuda::dispatch_kernel, cuda::kThreads, smem);
+  return cuda::prepare_kernel(cuda::dispatch_kernel, cuda::kThreads, max_dynamic_smem, smem, blocks_per_sm);
 }
 
 cudaError_t run_dispatch(const CudaGroup& g, const DispatchArgs& args, cudaStream_t stream) {

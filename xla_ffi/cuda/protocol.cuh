@@ -517,6 +517,15 @@ __device__ __forceinline__ PeerRef peer_of(const CudaGroup& g, int rank) {
   return PeerRef{g.group.regions[rank], g.peer_pes[rank]};
 }
 
+// Once per buffer, outside any stream capture: raises a kernel's dynamic shared-memory limit, and reports how many
+// of its blocks fit on a multiprocessor with `smem` bytes each.
+template <typename Kernel>
+inline cudaError_t prepare_kernel(Kernel kernel, int threads, int max_dynamic_smem, size_t smem, int* blocks_per_sm) {
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic_smem);
+  if (e != cudaSuccess) return e;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kernel, threads, smem);
+}
+
 // Grid size: enough warps for the work, at most `max_blocks` (kernels stride over the rest).
 inline int blocks_for(int64_t warps_of_work, int warps_per_block, int max_blocks) {
   const int64_t b = (warps_of_work + warps_per_block - 1) / warps_per_block;
