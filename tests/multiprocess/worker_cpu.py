@@ -149,7 +149,7 @@ def split_roundtrip_fn(buf, fp8):
         def body(x, topk_idx, weights):
             recv_x, recv_count, handle = ep.dispatch_recv(buf, ep.dispatch_send(buf, x, topk_idx, fp8=fp8))
             out = ep.combine_recv(buf, ep.combine_send(buf, testing.dequantize(recv_x), topk_idx, weights, handle))
-            return out, testing._dispatch_outputs((recv_x, recv_count, handle))
+            return out, testing.dispatch_outputs((recv_x, recv_count, handle))
 
         _split_fns[key] = testing.per_device_shard_map(buf, body)
     return _split_fns[key]
