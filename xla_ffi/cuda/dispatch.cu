@@ -6,15 +6,16 @@
 // then by source token). Every block derives the slots itself from a bitmask per expert of the tokens that chose
 // it (slot = set bits below the token), so no grid-wide pass runs before the first byte is sent.
 //
-// Send half:    (0) each block builds the bitmasks and per-expert counts in shared memory;
+// Send half:    (0) each block stages topk_idx and builds the bitmasks and per-expert counts in shared memory;
 //               (1) warps claim items from a work queue: an item (token, chunk of kChunk channels) loads the chunk
 //                   once, casts it (fp8) and stores it into the message of every destination of the token; an item
 //                   of 32 experts signals the experts this rank sends nothing to. The lane that completes a pair's
 //                   last item signals the pair.
-// Receive half: (2) every block waits for all E_l x R signals (bounded), scans the counts into the layout, and the
-//                   grid copies the messages into the output buffers.
+// Receive half: (2) one warp per block waits for all E_l x R signals (bounded), the block scans the counts into
+//                   the layout, and the grid copies the messages into the output buffers.
 // Fused call on rank 0: its own rows start at offset 0 of each local expert's layout whatever the peers send, so
-// step (1) writes them straight into the outputs and they skip the symmetric region (half the bytes for 1 rank).
+// step (1) writes them straight into the outputs and they skip the symmetric region (half the bytes for 1 rank);
+// their pairs are not signalled: step (2) takes their counts from the block's own tables.
 #include <cuda_fp8.h>
 
 #include "cuda/launch.h"

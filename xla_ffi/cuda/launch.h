@@ -10,9 +10,11 @@
 //   combine send:   copy every valid row of y back to its source token's slot, signal every pair
 //   combine recv:   wait for all E_l x R signals, reduce in float32 in k order
 // In a fused call the local rank's own pairs skip the symmetric region where the layout allows it (dispatch on rank
-// 0 writes its own rows straight into the outputs; combine reads its own rows of y in place).
+// 0 writes its own rows straight into the outputs; combine reads its own rows of y in place), and need no signal.
 // The call's sequence number and parity live in the rank's RankState (device memory) and are advanced by the
-// kernels, so the launchers hold no per-call host state and may be captured into CUDA graphs.
+// kernels (the last block in of each launch), so the launchers hold no per-call host state and may be captured into
+// CUDA graphs. The regions are NVSHMEM symmetric memory, or plain allocations reached through peer access when one
+// process drives every GPU (jax_ll_ep/_cuda_backend.py); the kernels see only peer pointers (or NVSHMEM PEs).
 #pragma once
 
 #include <cuda_runtime.h>
