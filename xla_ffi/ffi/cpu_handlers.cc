@@ -12,7 +12,6 @@
 
 #include "cpu/protocol.h"
 #include "cpu/registry.h"
-#include "ffi/signatures.h"
 #include "jax_ll_ep/args.h"
 #include "jax_ll_ep/layout.h"
 
@@ -330,16 +329,83 @@ using jax_ll_ep::cpu::DispatchImpl;
 using jax_ll_ep::cpu::DispatchRecvImpl;
 using jax_ll_ep::cpu::DispatchSendImpl;
 
-// One binding per target: the CPU context (the device ordinal), then the target's signature (ffi/signatures.h).
-namespace sig = jax_ll_ep::signatures;
+// One binding per target: the device ordinal, the ordering token, the operands of the brief's table, the results,
+// the token result, then the attributes.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxLlEpCpuDispatch, DispatchImpl,
-                              sig::dispatch(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Token>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // topk_idx
+                                  .Ret<ffi::AnyBuffer>()  // recv_x
+                                  .Ret<ffi::AnyBuffer>()  // recv_scale
+                                  .Ret<ffi::AnyBuffer>()  // recv_count
+                                  .Ret<ffi::AnyBuffer>()  // src_info
+                                  .Ret<ffi::AnyBuffer>()  // layout_range
+                                  .Ret<ffi::AnyBuffer>()  // src_topk_pos
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("buffer_id")
+                                  .Attr<int32_t>("fp8_mode"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxLlEpCpuDispatchSend, DispatchSendImpl,
-                              sig::dispatch_send(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Token>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // topk_idx
+                                  .Ret<ffi::AnyBuffer>()  // ticket
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("buffer_id")
+                                  .Attr<int32_t>("fp8_mode"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxLlEpCpuDispatchRecv, DispatchRecvImpl,
-                              sig::dispatch_recv(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxLlEpCpuCombine, CombineImpl, sig::combine(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Token>()
+                                  .Arg<ffi::AnyBuffer>()  // ticket
+                                  .Ret<ffi::AnyBuffer>()  // recv_x
+                                  .Ret<ffi::AnyBuffer>()  // recv_scale
+                                  .Ret<ffi::AnyBuffer>()  // recv_count
+                                  .Ret<ffi::AnyBuffer>()  // src_info
+                                  .Ret<ffi::AnyBuffer>()  // layout_range
+                                  .Ret<ffi::AnyBuffer>()  // src_topk_pos
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("buffer_id")
+                                  .Attr<int32_t>("fp8_mode"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxLlEpCpuCombine, CombineImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Token>()
+                                  .Arg<ffi::AnyBuffer>()  // y
+                                  .Arg<ffi::AnyBuffer>()  // src_info
+                                  .Arg<ffi::AnyBuffer>()  // layout_range
+                                  .Arg<ffi::AnyBuffer>()  // src_topk_pos
+                                  .Arg<ffi::AnyBuffer>()  // topk_idx
+                                  .Arg<ffi::AnyBuffer>()  // topk_weights
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("buffer_id"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxLlEpCpuCombineSend, CombineSendImpl,
-                              sig::combine_send(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Token>()
+                                  .Arg<ffi::AnyBuffer>()  // y
+                                  .Arg<ffi::AnyBuffer>()  // src_info
+                                  .Arg<ffi::AnyBuffer>()  // layout_range
+                                  .Arg<ffi::AnyBuffer>()  // src_topk_pos
+                                  .Ret<ffi::AnyBuffer>()  // ticket
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("buffer_id"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxLlEpCpuCombineRecv, CombineRecvImpl,
-                              sig::combine_recv(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Token>()
+                                  .Arg<ffi::AnyBuffer>()  // ticket
+                                  .Arg<ffi::AnyBuffer>()  // topk_idx
+                                  .Arg<ffi::AnyBuffer>()  // topk_weights
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::Token>()
+                                  .Attr<int64_t>("buffer_id"));

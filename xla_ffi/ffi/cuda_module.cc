@@ -19,10 +19,10 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "cuda/launch.h"
-#include "ffi/signatures.h"
 #include "jax_ll_ep/args.h"
 #include "jax_ll_ep/layout.h"
 #include "xla/ffi/api/ffi.h"
@@ -327,21 +327,81 @@ ffi::Error timestamp_impl(cudaStream_t stream, int32_t /*device*/, ffi::Token, f
 
 #undef JLE_RETURN_IF_ERROR
 
-// The CUDA context (the stream and the device ordinal), then each target's signature (ffi/signatures.h).
-auto bind() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>(); }
+auto bind() {
+  return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>().Arg<ffi::Token>();
+}
 constexpr auto kTraits = ffi::Traits::kCmdBufferCompatible;
-namespace sig = signatures;
 
-XLA_FFI_DEFINE_HANDLER(kDispatch, dispatch_impl, sig::dispatch(bind()), {kTraits});
-XLA_FFI_DEFINE_HANDLER(kDispatchSend, dispatch_send_impl, sig::dispatch_send(bind()), {kTraits});
-XLA_FFI_DEFINE_HANDLER(kDispatchRecv, dispatch_recv_impl, sig::dispatch_recv(bind()), {kTraits});
-XLA_FFI_DEFINE_HANDLER(kCombine, combine_impl, sig::combine(bind()), {kTraits});
-XLA_FFI_DEFINE_HANDLER(kCombineSend, combine_send_impl, sig::combine_send(bind()), {kTraits});
-XLA_FFI_DEFINE_HANDLER(kCombineRecv, combine_recv_impl, sig::combine_recv(bind()), {kTraits});
-XLA_FFI_DEFINE_HANDLER(
-    kTimestamp, timestamp_impl,
-    bind().Arg<ffi::Token>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::Token>().Attr<int64_t>("buffer_id"),
-    {kTraits});
+XLA_FFI_DEFINE_HANDLER(kDispatch, dispatch_impl,
+                       bind()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::Token>()
+                           .Attr<int64_t>("buffer_id")
+                           .Attr<int32_t>("fp8_mode"),
+                       {kTraits});
+XLA_FFI_DEFINE_HANDLER(kDispatchSend, dispatch_send_impl,
+                       bind()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::Token>()
+                           .Attr<int64_t>("buffer_id")
+                           .Attr<int32_t>("fp8_mode"),
+                       {kTraits});
+XLA_FFI_DEFINE_HANDLER(kDispatchRecv, dispatch_recv_impl,
+                       bind()
+                           .Arg<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::Token>()
+                           .Attr<int64_t>("buffer_id")
+                           .Attr<int32_t>("fp8_mode"),
+                       {kTraits});
+XLA_FFI_DEFINE_HANDLER(kCombine, combine_impl,
+                       bind()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::Token>()
+                           .Attr<int64_t>("buffer_id"),
+                       {kTraits});
+XLA_FFI_DEFINE_HANDLER(kCombineSend, combine_send_impl,
+                       bind()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::Token>()
+                           .Attr<int64_t>("buffer_id"),
+                       {kTraits});
+XLA_FFI_DEFINE_HANDLER(kCombineRecv, combine_recv_impl,
+                       bind()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Arg<ffi::AnyBuffer>()
+                           .Ret<ffi::AnyBuffer>()
+                           .Ret<ffi::Token>()
+                           .Attr<int64_t>("buffer_id"),
+                       {kTraits});
+XLA_FFI_DEFINE_HANDLER(kTimestamp, timestamp_impl,
+                       bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<ffi::Token>().Attr<int64_t>("buffer_id"),
+                       {kTraits});
 
 // ---------------------------------------------------------------------------------------------------------------
 // Python bindings
