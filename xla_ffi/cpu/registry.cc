@@ -25,6 +25,13 @@ Mapping::~Mapping() {
   if (data_ != nullptr) munmap(data_, static_cast<size_t>(bytes_));
 }
 
+std::unique_ptr<Mapping> Mapping::adopt(void* data, int64_t bytes) {
+  auto m = std::unique_ptr<Mapping>(new Mapping());
+  m->data_ = static_cast<uint8_t*>(data);
+  m->bytes_ = bytes;
+  return m;
+}
+
 std::unique_ptr<Mapping> Mapping::anonymous(int64_t bytes, std::string* error) {
   // Anonymous pages are zero: every signal starts at sequence 0, which no call uses.
   void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -32,10 +39,7 @@ std::unique_ptr<Mapping> Mapping::anonymous(int64_t bytes, std::string* error) {
     *error = "could not allocate " + std::to_string(bytes) + " bytes for the buffer: " + strerror(errno);
     return nullptr;
   }
-  auto m = std::unique_ptr<Mapping>(new Mapping());
-  m->data_ = static_cast<uint8_t*>(p);
-  m->bytes_ = bytes;
-  return m;
+  return adopt(p, bytes);
 }
 
 std::unique_ptr<Mapping> Mapping::shared(const std::string& name, int64_t bytes, std::string* error) {
@@ -58,10 +62,7 @@ std::unique_ptr<Mapping> Mapping::shared(const std::string& name, int64_t bytes,
     *error = errno_text("mmap", name, err);
     return nullptr;
   }
-  auto m = std::unique_ptr<Mapping>(new Mapping());
-  m->data_ = static_cast<uint8_t*>(p);
-  m->bytes_ = bytes;
-  return m;
+  return adopt(p, bytes);
 }
 
 std::string shm_create(const std::string& name, int64_t bytes) {

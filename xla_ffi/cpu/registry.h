@@ -39,6 +39,8 @@ class Mapping {
   uint8_t* data() const { return data_; }
 
  private:
+  static std::unique_ptr<Mapping> adopt(void* data, int64_t bytes);  // owns (and will unmap) a fresh mapping
+
   uint8_t* data_ = nullptr;
   int64_t bytes_ = 0;
 };

@@ -95,6 +95,21 @@ std::string bind(const std::string& op, int64_t buffer_id, int32_t device, int32
   return "";
 }
 
+// The split forms' ticket (int32[1]): written by a send-only call, read by a receive-only call (null: not this form).
+std::string bind_tickets(const std::string& op, ffi::AnyBuffer* ticket_out, const ffi::AnyBuffer* ticket_in,
+                         GroupArgs* group) {
+  std::string error;
+  if (ticket_out != nullptr) {
+    error += check_buffer(op, "ticket", *ticket_out, ffi::DataType::S32, {1});
+    group->ticket_out = static_cast<int32_t*>(ticket_out->untyped_data());
+  }
+  if (ticket_in != nullptr) {
+    error += check_buffer(op, "ticket", *ticket_in, ffi::DataType::S32, {1});
+    group->ticket_in = static_cast<const int32_t*>(ticket_in->untyped_data());
+  }
+  return error;
+}
+
 std::string op_label(const char* base, int32_t phases) {
   return std::string("jax_ll_ep_") + base + (phases == kSendPhase ? "_send" : phases == kRecvPhase ? "_recv" : "");
 }
@@ -169,14 +184,7 @@ ffi::Error dispatch(int32_t phases, int32_t device, int64_t buffer_id, int32_t f
     args.layout_range = static_cast<int32_t*>(b.outputs[4]->untyped_data());
     args.src_topk_pos = static_cast<int32_t*>(b.outputs[5]->untyped_data());
   }
-  if (b.ticket_out != nullptr) {
-    error += check_buffer(op, "ticket", *b.ticket_out, ffi::DataType::S32, {1});
-    bound.group.ticket_out = static_cast<int32_t*>(b.ticket_out->untyped_data());
-  }
-  if (b.ticket_in != nullptr) {
-    error += check_buffer(op, "ticket", *b.ticket_in, ffi::DataType::S32, {1});
-    bound.group.ticket_in = static_cast<const int32_t*>(b.ticket_in->untyped_data());
-  }
+  error += bind_tickets(op, b.ticket_out, b.ticket_in, &bound.group);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   return to_ffi_error(run_dispatch(bound.group, args, bound.env));
 }
@@ -269,14 +277,7 @@ ffi::Error combine(int32_t phases, int32_t device, int64_t buffer_id, const Comb
     args.num_tokens = static_cast<int32_t>(n);
     args.num_topk = static_cast<int32_t>(k);
   }
-  if (b.ticket_out != nullptr) {
-    error += check_buffer(op, "ticket", *b.ticket_out, ffi::DataType::S32, {1});
-    bound.group.ticket_out = static_cast<int32_t*>(b.ticket_out->untyped_data());
-  }
-  if (b.ticket_in != nullptr) {
-    error += check_buffer(op, "ticket", *b.ticket_in, ffi::DataType::S32, {1});
-    bound.group.ticket_in = static_cast<const int32_t*>(b.ticket_in->untyped_data());
-  }
+  error += bind_tickets(op, b.ticket_out, b.ticket_in, &bound.group);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   return to_ffi_error(run_combine(bound.group, args, bound.env));
 }
