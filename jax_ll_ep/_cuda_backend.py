@@ -235,11 +235,9 @@ class CudaImpl:
         with _lock:
             if self._transport == "nvshmem":
                 _init_nvshmem(self._ranks[0].ordinal)
-                self._check_memory()
-                self._allocate_nvshmem(cfg, groups)
-            else:
-                self._check_memory()
-                self._allocate_peer(cfg, groups)
+            self._check_memory()
+            allocate = self._allocate_nvshmem if self._transport == "nvshmem" else self._allocate_peer
+            allocate(cfg, groups)
             _live.append(self)
         log.info(
             "jax_ll_ep: cuda buffer %d (%s transport): %d bytes of region per rank, ranks %s, peers %s",
