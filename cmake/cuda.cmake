@@ -62,6 +62,8 @@ target_include_directories(jax_ll_ep_cuda_kernels PUBLIC
   "${JAX_LL_EP_INCLUDE_DIR}" "${CMAKE_CURRENT_SOURCE_DIR}/xla_ffi" "${NVSHMEM_DIR}/include")
 # Bit-exact arithmetic: no contraction of multiply and add (the kernels also use explicit _rn intrinsics).
 target_compile_options(jax_ll_ep_cuda_kernels PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:--fmad=false>)
+# Line tables (no effect on the code): profilers (ncu source view, stall sampling) map samples to source lines.
+target_compile_options(jax_ll_ep_cuda_kernels PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-lineinfo>)
 target_link_directories(jax_ll_ep_cuda_kernels PUBLIC "${NVSHMEM_DIR}/lib")
 # The device link step resolves nvshmem_* device functions and the module's nvshmemi_device_state_d from here.
 target_link_libraries(jax_ll_ep_cuda_kernels PUBLIC nvshmem_device)
