@@ -7,7 +7,8 @@
 The layer, per rank, inside ``jax.jit`` + ``jax.shard_map`` over the expert-parallel axis "ep":
   router logits -> top-k experts, softmax weights over the chosen k
   -> jax_ll_ep.dispatch: each token goes to the ranks that own its experts; rows arrive as [E_l, R*T, H]
-  -> a SwiGLU MLP per local expert over its R*T rows; rows past recv_count[e] are not data, so they are masked
+  -> jax_ll_ep.swiglu_mlp: a SwiGLU MLP per local expert over its recv_count[e] valid rows only (a masked grouped
+     matmul: rows past the count are never read, and cost nothing), fp8 rows consumed as they arrive
   -> jax_ll_ep.combine: outputs go back to their tokens and are summed with the router weights.
 Some tokens of every rank are padding: their top-k ids are -1, so they go nowhere and combine to zero.
 """
@@ -68,34 +69,15 @@ def route(x, router, topk, valid):
     return topk_idx, jnp.where(valid[:, None], weights, 0.0)
 
 
-def swiglu_experts(x, w_gate, w_up, w_down):
-    """x [E_l, rows, H] bf16, weights [E_l, H, F] / [E_l, F, H]: one SwiGLU MLP per expert, float32 accumulation."""
-    f32 = jnp.float32
-    gate = jnp.einsum("erh,ehf->erf", x, w_gate, preferred_element_type=f32)
-    up = jnp.einsum("erh,ehf->erf", x, w_up, preferred_element_type=f32)
-    h = (jax.nn.silu(gate) * up).astype(jnp.bfloat16)
-    return jnp.einsum("erf,efh->erh", h, w_down, preferred_element_type=f32)
-
-
-def dequantize(recv_x):
-    if isinstance(recv_x, ep.Fp8Array):  # data * scale per 128-channel block
-        scale = jnp.repeat(recv_x.scale.astype(jnp.float32), 128, axis=-1)
-        return (recv_x.data.astype(jnp.float32) * scale).astype(jnp.bfloat16)
-    return recv_x
-
-
 def make_moe_layer(buf: ep.Buffer, topk: int, fp8: ep.Fp8Options | None):
     """The per-rank body of the layer; wrapped in shard_map + jit by the caller."""
 
     def layer(x, valid, router, w_gate, w_up, w_down):
         topk_idx, weights = route(x, router, topk, valid)
-        recv_x, recv_count, handle = ep.dispatch(buf, x, topk_idx, fp8=fp8)
-        recv_x = dequantize(recv_x)  # [E_l, R*T, H]
-        y = swiglu_experts(recv_x, w_gate, w_up, w_down)
-        # Rows past recv_count[e] hold no token: zero them (combine never reads them; a grouped matmul would skip
-        # them instead of computing them).
-        rows = jnp.arange(y.shape[1])[None, :, None]
-        y = jnp.where(rows < recv_count[:, None, None], y, 0.0).astype(jnp.bfloat16)
+        recv_x, recv_count, handle = ep.dispatch(buf, x, topk_idx, fp8=fp8)  # [E_l, R*T, H], valid rows per expert
+        # Only recv_count[e] rows of expert e are tokens: the grouped matmul computes those and leaves the rest
+        # unwritten (combine never reads them).
+        y = ep.swiglu_mlp(recv_x, recv_count, w_gate, w_up, w_down)
         out = ep.combine(buf, y, topk_idx, weights, handle)
         return out, topk_idx, weights
 

@@ -14,6 +14,7 @@ from .errors import (
     RoutingError,
     SequenceMismatchError,
 )
+from .experts import GroupedMatmulConfig, grouped_matmul, swiglu, swiglu_mlp
 from .ops import (
     combine,
     combine_recv,
@@ -34,6 +35,7 @@ __all__ = [
     "DispatchPending",
     "Fp8Array",
     "Fp8Options",
+    "GroupedMatmulConfig",
     "JaxLlEpError",
     "ProtocolTimeoutError",
     "RoutingError",
@@ -44,4 +46,7 @@ __all__ = [
     "dispatch",
     "dispatch_recv",
     "dispatch_send",
+    "grouped_matmul",
+    "swiglu",
+    "swiglu_mlp",
 ]
