@@ -24,6 +24,7 @@ the bytes of the expert weights (read once) at the device-copy bandwidth measure
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -67,22 +68,27 @@ def spread_counts(rng, total, num_local, capacity) -> np.ndarray:
 
 
 def copy_bandwidth() -> float:
-    """Device copy bandwidth in bytes/s (read + write counted): 8 copies of 256 MiB of float32 in one program."""
-    arrays = [jnp.full((64 * 1024 * 1024,), i, jnp.float32) for i in range(8)]
-    seconds = timed(lambda a: a + 1, [(a,) for a in arrays], reps=10)
+    """Device copy bandwidth in bytes/s (read + write counted): copies of 1 GiB of float32, queued back to back."""
+    arrays = [jnp.full((256 * 1024 * 1024,), i, jnp.float32) for i in range(2)]
+    seconds = timed(lambda a: a + 1, [(a,) for a in arrays], reps=5, programs=10)
     return 2 * arrays[0].nbytes / seconds
 
 
-def timed(fn, args_list, *, reps: int) -> float:
-    """Seconds per call: the median over ``reps`` runs of one jit that calls ``fn`` once per entry of args_list."""
+def timed(fn, args_list, *, reps: int, programs: int = 10) -> float:
+    """Seconds per call. One jit calls ``fn`` once per entry of args_list; ``programs`` such jits are queued back to
+    back (no host sync between them, so the GPU never idles and its clocks stay up) and the whole queue is timed;
+    the median over ``reps`` queues, divided by the calls in a queue."""
     prog = jax.jit(lambda all_args: [fn(*a) for a in all_args])
-    jax.block_until_ready(prog(args_list))
+    for _ in range(3):  # compile, then warm the clocks
+        jax.block_until_ready(prog(args_list))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(prog(args_list))
+        outs = [prog(args_list) for _ in range(programs)]
+        jax.block_until_ready(outs)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) / len(args_list)
+        del outs
+    return statistics.median(times) / (programs * len(args_list))
 
 
 def silu_mul(g, u):
@@ -220,9 +226,8 @@ def run(args) -> list[dict]:
         if tok is not None:
             record(case, "tokamax", ragged_mlp(tok), case.packed_args(None))
         record(case, "jax_ll_ep", ours_mlp(), case.padded_args())
-        for bm, bn, bk, nw, ns in args.configs:
-            cfg = GroupedMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
-            record(case, f"jax_ll_ep {bm}x{bn}x{bk} w{nw} s{ns}", ours_mlp(cfg, cfg), case.padded_args())
+        for cfg in args.configs:
+            record(case, f"jax_ll_ep {_label(cfg)}", ours_mlp(cfg, cfg), case.padded_args())
         # The two kernels apart (gate/up with SwiGLU, down).
         e, _, f = case.wg.shape
         h = (jax.random.normal(jax.random.key(1), (e, case.m, f), jnp.float32) * 0.1).astype(jnp.bfloat16)
@@ -233,9 +238,11 @@ def run(args) -> list[dict]:
         up_only = lambda x, c, wg, wu, wd: ep.swiglu(x, wg, wu, c)  # noqa: E731
         record(case, "jax_ll_ep swiglu kernel", up_only, case.padded_args(), weights=(case.wg, case.wu))
         record(case, "jax_ll_ep down kernel", down_with(None), case.padded_args(), weights=(case.wd,))
-        for bm, bn, bk, nw, ns in args.down_configs:
-            cfg = GroupedMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
-            name = f"jax_ll_ep down kernel {bm}x{bn}x{bk} w{nw} s{ns}"
+        for cfg in args.up_configs:
+            up = lambda x, c, wg, wu, wd, cfg=cfg: ep.swiglu(x, wg, wu, c, config=cfg)  # noqa: E731
+            record(case, f"jax_ll_ep swiglu kernel {_label(cfg)}", up, case.padded_args(), weights=(case.wg, case.wu))
+        for cfg in args.down_configs:
+            name = f"jax_ll_ep down kernel {_label(cfg)}"
             record(case, name, down_with(cfg), case.padded_args(), weights=(case.wd,))
         # fp8: fp8 dispatch rows and 128x128-block fp8 weights, in both weight layouts.
         w8 = tuple(fp8_weights(w) for w in (case.wg, case.wu, case.wd))
@@ -247,10 +254,11 @@ def run(args) -> list[dict]:
         record(case, "jax_ll_ep fp8 x, fp8 w nk", ours_mlp(w_layout="nk"), case.padded_args(x8, w8nk), weights=w8)
         record(case, "jax_ll_ep bf16 x, fp8 w nk", ours_mlp(w_layout="nk"), case.padded_args(None, w8nk), weights=w8)
         record(case, "jax_ll_ep fp8 x, bf16 w", ours_mlp(), case.padded_args(x8))
-        for bm, bn, bk, nw, ns in args.fp8_configs:
-            cfg = GroupedMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
-            name = f"jax_ll_ep fp8 nk {bm}x{bn}x{bk} w{nw} s{ns}"
+        for cfg in args.fp8_configs:
+            name = f"jax_ll_ep fp8 nk {_label(cfg)}"
             record(case, name, ours_mlp(cfg, cfg, "nk"), case.padded_args(x8, w8nk), weights=w8)
+            name = f"jax_ll_ep bf16 x, fp8 w nk {_label(cfg)}"
+            record(case, name, ours_mlp(cfg, cfg, "nk"), case.padded_args(None, w8nk), weights=w8)
         del case, w8, w8nk, wnk, x8
 
     if args.suite in ("rows", "all"):
@@ -282,8 +290,31 @@ def run(args) -> list[dict]:
     return [{"device": jax.devices()[0].device_kind, "copy_GBps": round(bw / 1e9, 1)}] + rows
 
 
-def _config(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
+_CONFIG_KEYS = {
+    "bm": "block_m",
+    "bn": "block_n",
+    "bk": "block_k",
+    "rp": "row_programs",
+    "w": "num_warps",
+    "s": "num_stages",
+    "swap": "swap_ab",
+    "mma": "fp8_mma",
+}
+
+
+def _config(text: str) -> GroupedMatmulConfig:
+    """'bm=64,bn=128,bk=64,w=8,s=4,swap=1,mma=0,rp=1' (any subset) -> GroupedMatmulConfig."""
+    fields = {}
+    for item in text.split(","):
+        key, value = item.split("=")
+        name = _CONFIG_KEYS[key]
+        fields[name] = bool(int(value)) if name in ("swap_ab", "fp8_mma") else int(value)
+    return GroupedMatmulConfig(**fields)
+
+
+def _label(cfg: GroupedMatmulConfig) -> str:
+    short = {v: k for k, v in _CONFIG_KEYS.items()}
+    return ",".join(f"{short[k]}={int(v)}" for k, v in dataclasses.asdict(cfg).items() if v is not None)
 
 
 def main() -> None:
@@ -293,11 +324,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--configs", type=_config, nargs="*", default=[], help="extra bf16 tiles: block_m,block_n,block_k,warps,stages"
+        "--configs", type=_config, nargs="*", default=[], help="extra bf16 configs, e.g. bm=64,bn=128,bk=64,w=8,s=4"
     )
-    parser.add_argument("--down-configs", type=_config, nargs="*", default=[], help="tiles for the down kernel alone")
+    parser.add_argument("--up-configs", type=_config, nargs="*", default=[], help="configs for the swiglu kernel alone")
+    parser.add_argument("--down-configs", type=_config, nargs="*", default=[], help="configs for the down kernel alone")
     parser.add_argument("--row-programs", type=int, nargs="*", default=[], help="row_programs values to sweep")
-    parser.add_argument("--fp8-configs", type=_config, nargs="*", default=[], help="extra fp8 tiles, same form")
+    parser.add_argument("--fp8-configs", type=_config, nargs="*", default=[], help="extra fp8 configs, same form")
     parser.add_argument("--out", default="", help="write the rows as JSON here")
     args = parser.parse_args()
     rows = run(args)

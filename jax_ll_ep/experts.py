@@ -70,7 +70,13 @@ class GroupedMatmulConfig:
     ``row_programs``-th block of the expert's valid rows. 1 launches no program that finds no rows (the right
     choice at decode, where an expert has one block of rows); more run the row blocks of one weight tile side by
     side, so they share it through L2 when experts have many rows. ``num_warps`` and ``num_stages`` (software
-    pipelining depth of the contraction loop) go to Triton. All but ``num_stages`` are powers of two.
+    pipelining depth of the contraction loop) go to Triton. All sizes but ``num_stages`` are powers of two.
+
+    ``swap_ab`` computes each tile transposed (weights as the left operand, the few rows as the right one), so the
+    tensor-core tile's large side is spent on weight columns rather than on rows that may not exist. ``fp8_mma``
+    (both operands fp8): multiply in fp8 on the tensor cores and scale each step's product (True), or widen both
+    operands to bf16 in registers with their scales folded in and accumulate on the tensor cores directly (False;
+    one side fp8 is always widened this way).
     """
 
     block_m: int | None = None
@@ -79,10 +85,16 @@ class GroupedMatmulConfig:
     row_programs: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    swap_ab: bool | None = None
+    fp8_mma: bool | None = None
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
             if value is None:
+                continue
+            if name in ("swap_ab", "fp8_mma"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"GroupedMatmulConfig.{name}={value!r} must be a bool or None")
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GroupedMatmulConfig.{name}={value!r} must be a positive int or None")
@@ -116,6 +128,8 @@ def default_config(e: int, m: int, k: int, n: int, *, x_fp8: bool, w_fp8: bool) 
         row_programs=1,
         num_warps=4,
         num_stages=4,
+        swap_ab=False,
+        fp8_mma=True,
     )
 
 
@@ -262,6 +276,14 @@ def _gmm_kernel(counts_ref, *refs, spec: _Spec, cfg: GroupedMatmulConfig, k_size
         m0 = (g + i * step) * bm
         rows_ok = (m0 + jnp.arange(bm)) < count
 
+        def product(rows, w_tile, acc):
+            """acc + rows @ w; the tile transposed ([bn, bm]) with swap_ab. w_tile is [bn, bk] ("nk") or [bk, bn]."""
+            if cfg.swap_ab:
+                lhs = w_tile if spec.w_nk else w_tile.T
+                return acc + jnp.dot(lhs, rows.T, preferred_element_type=jnp.float32)
+            rhs = w_tile.T if spec.w_nk else w_tile
+            return acc + jnp.dot(rows, rhs, preferred_element_type=jnp.float32)
+
         def k_step(kb, accs):
             k0 = pl.multiple_of(kb * bk, bk)
             # Rows past the count are never loaded: they may hold NaN (dispatch leaves them unspecified).
@@ -269,29 +291,35 @@ def _gmm_kernel(counts_ref, *refs, spec: _Spec, cfg: GroupedMatmulConfig, k_size
             row_scale = None
             if spec.xf.fp8:
                 s = _load_valid(xs_ref.at[e, pl.ds(m0, bm), k0 // SCALE_BLOCK], rows_ok)
-                row_scale = _scale_to_f32(s, spec.xf.ue8m0)[:, None]
+                row_scale = _scale_to_f32(s, spec.xf.ue8m0)
+            native = spec.xf.fp8 and spec.wf.fp8 and cfg.fp8_mma
+            if spec.xf.fp8 and not native:  # widened in registers, its scale folded in (exact for power-of-two)
+                a = (a.astype(jnp.float32) * row_scale[:, None]).astype(jnp.bfloat16)
             new = []
             for (w_ref, ws_ref), acc in zip(weights, accs, strict=True):
                 if spec.w_nk:  # [bn, bk], contiguous along k: the operand layout fp8 tensor cores read
-                    b = w_ref[e, pl.ds(n0, bn), pl.ds(k0, bk)].T
+                    w_tile = w_ref[e, pl.ds(n0, bn), pl.ds(k0, bk)]
                 else:
-                    b = w_ref[e, pl.ds(k0, bk), pl.ds(n0, bn)]
-                lhs, rhs = a, b
-                if spec.xf.fp8 != spec.wf.fp8:  # one side bf16: widen the fp8 side in registers (exact)
-                    lhs, rhs = lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16)
-                part = jnp.dot(lhs, rhs, preferred_element_type=jnp.float32)
-                if row_scale is not None:
-                    part = part * row_scale
+                    w_tile = w_ref[e, pl.ds(k0, bk), pl.ds(n0, bn)]
+                w_scale = None
                 if spec.wf.fp8:
                     nb, kb_ = n0 // SCALE_BLOCK, k0 // SCALE_BLOCK
-                    w_scale = ws_ref[e, nb, kb_] if spec.w_nk else ws_ref[e, kb_, nb]
-                    part = part * _scale_to_f32(w_scale, spec.wf.ue8m0)
-                new.append(acc + part)
+                    w_scale = _scale_to_f32(ws_ref[e, nb, kb_] if spec.w_nk else ws_ref[e, kb_, nb], spec.wf.ue8m0)
+                if native:  # fp8 x fp8 on the tensor cores, this step's product scaled before it is added
+                    scale = row_scale[None, :] if cfg.swap_ab else row_scale[:, None]
+                    part = product(a, w_tile, jnp.zeros_like(acc))
+                    new.append(acc + part * (scale * w_scale))
+                    continue
+                if spec.wf.fp8:
+                    w_tile = (w_tile.astype(jnp.float32) * w_scale).astype(jnp.bfloat16)
+                new.append(product(a, w_tile, acc))
             return tuple(new)
 
-        zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in weights)
+        tile = (bn, bm) if cfg.swap_ab else (bm, bn)
+        zeros = tuple(jnp.zeros(tile, jnp.float32) for _ in weights)
         accs = jax.lax.fori_loop(0, k_size // bk, k_step, zeros)
         out = _silu(accs[0]) * accs[1] if spec.gated else accs[0]
+        out = out.T if cfg.swap_ab else out
         # Rows past the count are not written: their outputs are unspecified (documented).
         plgpu.store(o_ref.at[e, pl.ds(m0, bm), pl.ds(n0, bn)], out.astype(o_ref.dtype), mask=rows_ok[:, None])
         return carry
