@@ -30,8 +30,9 @@ constexpr int kLoadBatch = 8;  // row loads in flight per lane in the reduction
 // Shared memory of the send half.
 struct SendTables {
   int32_t* count;        // [P] rows of each pair (0 where the handle's entry is invalid)
-  int32_t* remote;       // [P] rows copied through the symmetric region (count, or 0 for own pairs of a fused call)
-  int32_t* remote_base;  // [P + 1] exclusive scan of remote
+  int32_t* remote_base;  // [P + 1] exclusive scan of the rows copied through the symmetric region (count, or 0 for
+                         // own pairs of a fused call)
+  int32_t* totals;       // [kWarp] scan scratch
 };
 
 struct SendContext {
@@ -62,10 +63,11 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   const int num_pairs = static_cast<int>(l.num_pairs());
   const int num_ranks = l.num_ranks, rank = g.group.rank;
   const int64_t rows = static_cast<int64_t>(num_ranks) * l.max_tokens;
-  const SendTables s{smem, smem + num_pairs, smem + 2 * num_pairs};
+  const SendTables s{smem, smem + num_pairs, smem + 2 * num_pairs + 1};
   const SendContext sc{s, seq, parity_of(seq), direct};
-#pragma unroll 1
-  for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
+  // Each pair's entry of the handle, validated, and scanned by the whole block into the remote rows' order (the
+  // scan's last barrier also publishes count).
+  block_exclusive_scan(num_pairs, s.remote_base, s.totals, [&](int p) {
     const int32_t offset = a.layout_range[2 * p], c = a.layout_range[2 * p + 1];
     const bool ok = offset >= 0 && c >= 0 && c <= l.max_tokens && offset <= rows - c;
     if (!ok && blockIdx.x == 0) {
@@ -75,9 +77,8 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
     }
     const bool own = direct && p % num_ranks == rank;
     s.count[p] = ok ? c : 0;
-    s.remote[p] = ok && !own ? c : 0;
-  }
-  block_exclusive_scan(s.remote, s.remote_base, num_pairs);  // (its barriers also publish count)
+    return ok && !own ? c : 0;
+  });
   trace_mark(g, seq, OpKind::kCombine, kMarkTables);
   const uint32_t remote_rows = static_cast<uint32_t>(s.remote_base[num_pairs]);
   const uint32_t items = remote_rows + static_cast<uint32_t>((num_pairs + kWarp - 1) / kWarp);
@@ -127,7 +128,7 @@ struct RecvTables {
   float* weights;       // [kTopkTile] topk_weights, when all of topk_idx fits one tile
 };
 
-__host__ __device__ __forceinline__ int64_t send_table_words(const Layout& l) { return 3 * l.num_pairs() + 1; }
+__host__ __device__ __forceinline__ int64_t send_table_words(const Layout& l) { return 2 * l.num_pairs() + 1 + kWarp; }
 __host__ __device__ __forceinline__ int64_t recv_table_words(const Layout& l) {
   return 2 * l.num_pairs() + l.num_local_experts + static_cast<int64_t>(l.num_local_experts) * words_per_expert(l) +
          2 * kTopkTile;
@@ -193,18 +194,15 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
                         l.max_tokens, num_ranks,        num_ranks > 1};
     warp_wait_signals(w, num_pairs, l.combine_signal(local, parity, 0, 0), l.dispatch_signal(local, parity, 0, 0),
                       direct ? rank : -1, s.count);
-    const auto own = [&](int p) { return direct && p % num_ranks == rank; };
-#pragma unroll 1
-    for (int p = threadIdx.x; p < num_pairs; p += kWarp) {
-      if (own(p)) s.count[p] = layout_count[p];
-    }
   }
   __syncthreads();  // warp 0's acquire (and the counts) precede every read below
   trace_mark(g, seq, OpKind::kCombine, kMarkArrived);
   if (blockIdx.x == 0) {
+    // own pairs of a fused call were not waited for: their count is the send half's validated one
 #pragma unroll 1
     for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
-      if (s.count[p] >= 0 && s.count[p] != s.expected[p]) {
+      const int32_t c = direct && p % num_ranks == rank ? layout_count[p] : s.count[p];
+      if (c >= 0 && c != s.expected[p]) {
         record_error(state, g.error_flag,
                      ErrorInfo{ErrorCode::kInvalidHandle, OpKind::kCombine, seq, p, p % num_ranks, p / num_ranks, 0});
       }

@@ -391,6 +391,7 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
   const int32_t* own_count = send_counts(l, smem) + rank * l.num_local_experts;  // fused call: [E_l]
   int32_t* count = reinterpret_cast<int32_t*>(smem + send_table_words(l));       // [P], p = local_expert * R + rank
   int32_t* base = count + num_pairs;                                             // [P + 1]
+  int32_t* totals = base + num_pairs + 1;                                        // [kWarp] scan scratch
   const int lane = lane_id();
   uint8_t* local = g.local_region;
   const int parity = parity_of(seq);
@@ -401,13 +402,15 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
         l.max_tokens,   num_ranks,    num_ranks > 1};
     warp_wait_signals(w, num_pairs, l.dispatch_signal(local, parity, 0, 0), l.combine_signal(local, parity, 0, 0),
                       direct ? rank : -1, count);
-    const auto own = [&](int p) { return direct && p % num_ranks == rank; };
-#pragma unroll 1
-    for (int p = threadIdx.x; p < num_pairs; p += kWarp) {
-      count[p] = own(p) ? own_count[p / num_ranks] : (count[p] < 0 ? 0 : count[p]);
-    }
   }
-  block_exclusive_scan(count, base, num_pairs);  // its barrier orders warp 0's acquire before every copy below
+  // Every pair's count (own pairs of a fused call from the send half's tables; a pair that never arrived counts 0),
+  // scanned into the layout by the whole block. The scan's first barrier orders warp 0's acquire before every read
+  // of the counts and before every copy below.
+  block_exclusive_scan(num_pairs, base, totals, [&](int p) {
+    const int32_t c = direct && p % num_ranks == rank ? own_count[p / num_ranks] : (count[p] < 0 ? 0 : count[p]);
+    count[p] = c;
+    return c;
+  });
   trace_mark(g, seq, OpKind::kDispatch, kMarkArrived);
   if (blockIdx.x == 0) {
 #pragma unroll 1
@@ -495,7 +498,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(CudaGroup g, Dispatc
 }  // namespace cuda
 
 size_t dispatch_smem_bytes(const Layout& l) {
-  return static_cast<size_t>(cuda::kPlanBytes + 4 * (cuda::send_table_words(l) + 2 * l.num_pairs() + 1));
+  return static_cast<size_t>(cuda::kPlanBytes + 4 * (cuda::send_table_words(l) + 2 * l.num_pairs() + 1 + cuda::kWarp));
 }
 
 cudaError_t prepare_dispatch_kernel(int max_dynamic_smem, size_t smem, int* blocks_per_sm) {

@@ -365,30 +365,45 @@ __device__ __forceinline__ int32_t slot_of(const uint32_t* expert_mask, int t) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Exclusive scan of n counts (shared memory) into base[0..n] by warp 0; base[n] is the total. Call from the whole
-// block; returns after a block barrier.
+// Exclusive scan of value(0 .. n-1) into base[0..n] (base[n] is the total) by the whole block: each warp scans 32
+// values in registers and adds the totals of the warps before it (`totals`: kWarp words of shared scratch), so no
+// warp walks the n values alone while the others wait. value(i) is called once per i, by one thread, after a block
+// barrier: it may read what any thread wrote before the call, and write entry i of the caller's own arrays. Call
+// from the whole block; returns after a block barrier.
 // ---------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ void block_exclusive_scan(const int32_t* counts, int32_t* base, int n) {
-  __syncthreads();  // counts written by any thread are visible to warp 0
-  if (threadIdx.x < kWarp) {
-    const int lane = threadIdx.x;
-    int32_t running = 0;
-#pragma unroll 1
-    for (int start = 0; start < n; start += kWarp) {
-      const int i = start + lane;
-      const int32_t v = i < n ? counts[i] : 0;
-      int32_t inclusive = v;
+__device__ __forceinline__ int32_t warp_inclusive_scan(int32_t v) {
+  const int lane = lane_id();
 #pragma unroll
-      for (int d = 1; d < kWarp; d <<= 1) {
-        const int32_t up = __shfl_up_sync(0xffffffffu, inclusive, d);
-        if (lane >= d) inclusive += up;
-      }
-      if (i < n) base[i] = running + inclusive - v;
-      running += __shfl_sync(0xffffffffu, inclusive, kWarp - 1);
-    }
-    if (lane == 0) base[n] = running;
+  for (int d = 1; d < kWarp; d <<= 1) {
+    const int32_t up = __shfl_up_sync(0xffffffffu, v, d);
+    if (lane >= d) v += up;
   }
-  __syncthreads();  // base visible to the block
+  return v;
+}
+
+template <typename Value>
+__device__ __forceinline__ void block_exclusive_scan(int n, int32_t* base, int32_t* totals, Value value) {
+  const int lane = lane_id(), warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  __syncthreads();  // whatever value() reads, written by any thread before the call, is visible
+  if (n <= 0 && threadIdx.x == 0) base[0] = 0;
+  int32_t carry = 0;  // the sum of the values of the rounds before
+#pragma unroll 1
+  for (int start = 0; start < n; start += blockDim.x) {
+    const int i = start + threadIdx.x;
+    const int32_t v = i < n ? value(i) : 0;
+    const int32_t inclusive = warp_inclusive_scan(v);
+    if (lane == kWarp - 1) totals[warp] = inclusive;
+    __syncthreads();  // every warp's total of this round is visible
+    const int32_t w = lane < warps ? totals[lane] : 0;
+    const int32_t w_inclusive = warp_inclusive_scan(w);
+    const int32_t before = __shfl_sync(0xffffffffu, w_inclusive - w, warp);  // the warps before this one
+    const int32_t round_total = __shfl_sync(0xffffffffu, w_inclusive, kWarp - 1);
+    if (i < n) base[i] = carry + before + inclusive - v;
+    carry += round_total;
+    if (threadIdx.x == 0 && start + static_cast<int>(blockDim.x) >= n) base[n] = carry;
+    __syncthreads();  // totals may be reused by the next round; after the last, base is visible to the block
+  }
+  if (n <= 0) __syncthreads();  // (no round: still a barrier, as promised)
 }
 
 // The index p with base[p] <= m < base[p + 1] (base non-decreasing, base[0] = 0 <= m < base[n]).
