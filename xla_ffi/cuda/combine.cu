@@ -166,12 +166,12 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   const int n = a.num_tokens, k_count = a.num_topk;
 
   const bool tile_holds_all = static_cast<int64_t>(n) * k_count <= kTopkTile;
-  if (tile_holds_all) {
+  // (topk_idx's first tile, and the weights when it holds all, were staged at entry: start_receive_tables)
+  const bool check = blockIdx.x == 0;  // block 0 checks the announced counts against the expected ones
+  if (check) {
 #pragma unroll 1
-    for (int i = threadIdx.x; i < n * k_count; i += blockDim.x) s.weights[i] = a.topk_weights[i];
+    for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) s.expected[p] = 0;
   }
-#pragma unroll 1
-  for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) s.expected[p] = 0;
   if (direct) {
 #pragma unroll 1
     for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
@@ -181,11 +181,11 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
 #pragma unroll 1
     for (int i = threadIdx.x; i < num_local * words; i += blockDim.x) s.own_mask[i] = 0u;
   }
-  // (the staging barrier inside orders the clearing and staging above before the visits and every later read)
-  for_each_topk_entry(a.topk_idx, n, k_count, s.tile, [&](int t, int, int32_t id, bool first, const int32_t*) {
+  // (the staging barrier inside orders the clearing above, and the entry barrier the staging, before the visits)
+  for_each_topk_entry(a.topk_idx, n, k_count, s.tile, true, [&](int t, int, int32_t id, bool first, const int32_t*) {
     if (id < 0 || id >= num_experts || !first) return;
     const int e = id % num_local, owner = id / num_local;
-    atomicAdd(&s.expected[e * num_ranks + owner], 1);
+    if (check) atomicAdd(&s.expected[e * num_ranks + owner], 1);
     if (direct && owner == rank) atomicOr(&s.own_mask[e * words + t / 32], 1u << (t % 32));
   });
   if (threadIdx.x < kWarp) {
@@ -197,7 +197,7 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   }
   __syncthreads();  // warp 0's acquire (and the counts) precede every read below
   trace_mark(g, seq, OpKind::kCombine, kMarkArrived);
-  if (blockIdx.x == 0) {
+  if (check) {
     // own pairs of a fused call were not waited for: their count is the send half's validated one
 #pragma unroll 1
     for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
@@ -294,10 +294,24 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   trace_mark(g, seq, OpKind::kCombine, kMarkReceived);
 }
 
+// The receive half's inputs staged before the entry barrier (enter_call's prologue), while thread 0 reads the call
+// state: topk_idx's first tile, and the weights when that tile holds all of topk_idx. By thread i of `step`.
+__device__ __forceinline__ void start_receive_tables(const Layout& l, const CombineArgs& a, int32_t* smem, int i,
+                                                     int step) {
+  const RecvTables s = recv_tables(l, smem);
+  stage_first_topk_tile(a.topk_idx, a.num_tokens, a.num_topk, s.tile, i, step);
+  if (static_cast<int64_t>(a.num_tokens) * a.num_topk <= kTopkTile) {
+    stage_words(s.weights, a.topk_weights, a.num_tokens * a.num_topk, i, step);
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) combine_kernel(CudaGroup g, CombineArgs a) {
   extern __shared__ __align__(16) int32_t smem_words[];
-  const CallPlan plan = enter_call(g, OpKind::kCombine, reinterpret_cast<CallPlan*>(smem_words));
   int32_t* tables = smem_words + kPlanBytes / 4;
+  const bool recv = (g.group.phases & kRecvPhase) != 0;  // (the plan's receive half: plan_call)
+  const CallPlan plan = enter_call(g, OpKind::kCombine, reinterpret_cast<CallPlan*>(smem_words), [&](int i, int n) {
+    if (recv) start_receive_tables(g.group.layout, a, tables, i, n);
+  });
   trace_mark(g, plan.seq, OpKind::kCombine, kMarkEntry);
   if (plan.refuse == ErrorCode::kOk) {
     const bool direct = plan.send && plan.recv;

@@ -180,17 +180,24 @@ __device__ __forceinline__ void chunk_ranges(const Layout& l, int c, int64_t& da
 // Step 0: per-block routing tables. mask[e][w] bit i: token 32w + i chose global expert e (its first occurrence in
 // the row; out-of-range ids and repeats count as -1); count[e]: the number of such tokens. Block 0 also records the
 // routing errors (the first bad entry of each bad row describes it). When the whole topk_idx fits in one tile, the
-// tile stays in shared memory for the send items.
+// tile stays in shared memory for the send items. The masks are cleared and the first tile staged before the
+// entry barrier (start_routing_tables, enter_call's prologue), while thread 0 reads the call state.
 // ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ void start_routing_tables(const Layout& l, const DispatchArgs& a, int32_t* tile,
+                                                     uint32_t* mask, int i, int step) {
+  const int num_words = l.num_local_experts * l.num_ranks * words_per_expert(l);
+#pragma unroll 1
+  for (int w = i; w < num_words; w += step) mask[w] = 0u;
+  stage_first_topk_tile(a.topk_idx, a.num_tokens, a.num_topk, tile, i, step);
+}
+
 __device__ void build_routing_tables(const CudaGroup& g, const DispatchArgs& a, int32_t* tile, uint32_t* mask,
                                      int32_t* count, uint64_t seq) {
   const Layout& l = g.group.layout;
   const int num_experts = l.num_local_experts * l.num_ranks;
   const int words = words_per_expert(l);
-#pragma unroll 1
-  for (int i = threadIdx.x; i < num_experts * words; i += blockDim.x) mask[i] = 0u;
-  // (the staging barrier inside orders the clearing before any bit is set)
-  for_each_topk_entry(a.topk_idx, a.num_tokens, a.num_topk, tile,
+  // (the entry barrier ordered the clearing and the first tile before any visit)
+  for_each_topk_entry(a.topk_idx, a.num_tokens, a.num_topk, tile, true,
                       [&](int t, int k, int32_t id, bool first, const int32_t* row) {
                         if (id == -1) return;
                         const bool in_range = id >= 0 && id < num_experts;
@@ -477,8 +484,11 @@ __device__ void write_empty_layout(const Layout& l, const DispatchArgs& a) {
 template <Fp8Mode kMode>
 __global__ void __launch_bounds__(kThreads) dispatch_kernel(CudaGroup g, DispatchArgs a) {
   extern __shared__ __align__(16) uint32_t smem[];
-  const CallPlan plan = enter_call(g, OpKind::kDispatch, reinterpret_cast<CallPlan*>(smem));
   uint32_t* tables = smem + kPlanBytes / 4;
+  const bool send = (g.group.phases & kSendPhase) != 0;  // (the plan's send half: plan_call)
+  const CallPlan plan = enter_call(g, OpKind::kDispatch, reinterpret_cast<CallPlan*>(smem), [&](int i, int n) {
+    if (send) start_routing_tables(g.group.layout, a, reinterpret_cast<int32_t*>(tables), tables + kTopkTile, i, n);
+  });
   trace_mark(g, plan.seq, OpKind::kDispatch, kMarkEntry);
   if (plan.refuse == ErrorCode::kOk) {
     const bool direct = plan.send && plan.recv && g.group.rank == 0;

@@ -145,8 +145,12 @@ __device__ __forceinline__ CallPlan plan_call(const CallState& cs, OpKind kind, 
 // Called by every thread at kernel entry. Thread 0 of each block reads the call state and counts the block in; the
 // last block in re-arms the entry counter and the other parity's work queue (its last user, the previous call,
 // has finished: stream order), then advances the state: a receive half closes the call, a send half alone opens it
-// and hands its ticket to the receive half. Returns after a block barrier, with the plan in every thread.
-__device__ __forceinline__ CallPlan enter_call(const CudaGroup& g, OpKind kind, CallPlan* shared_plan) {
+// and hands its ticket to the receive half. Meanwhile the threads of warps 1.. run prologue(i, n) (thread i of n):
+// work that needs no plan (staging inputs into shared memory), overlapped with thread 0's two round trips.
+// Returns after a block barrier, with the plan and the prologue's stores visible to every thread.
+template <typename Prologue>
+__device__ __forceinline__ CallPlan enter_call(const CudaGroup& g, OpKind kind, CallPlan* shared_plan,
+                                               Prologue prologue) {
   if (threadIdx.x == 0) {
     RankState* state = g.group.layout.state(g.local_region);
     const volatile RankState* vs = state;
@@ -171,8 +175,10 @@ __device__ __forceinline__ CallPlan enter_call(const CudaGroup& g, OpKind kind, 
         }
       }
     }
+  } else if (threadIdx.x >= kWarp) {
+    prologue(static_cast<int>(threadIdx.x) - kWarp, static_cast<int>(blockDim.x) - kWarp);
   }
-  __syncthreads();  // the plan in shared memory is visible to the block
+  __syncthreads();  // the plan (and the prologue's shared memory) is visible to the block
   return *shared_plan;
 }
 
@@ -312,20 +318,35 @@ static __device__ void warp_wait_signals(const WaitContext& w, int n, const uint
 // ---------------------------------------------------------------------------------------------------------------
 // Routing tables. The whole block visits every entry of topk_idx [n][K], staged through shared memory in tiles of
 // whole rows (coalesced loads); `first` is false for an id already seen earlier in its row (a repeat, treated as
-// -1 by the protocol). Returns after a block barrier.
+// -1 by the protocol). With `first_staged` the first tile is already in `tile` (stage_first_topk_tile, before a
+// block barrier). Returns after a block barrier.
 // ---------------------------------------------------------------------------------------------------------------
 inline constexpr int kTopkTile = 2048;  // entries staged at once (8 KB of shared memory)
 
+// Copies entries [i, n) with stride `step` of `src` into `dst`, 4 loads in flight per thread.
+template <typename T>
+__device__ __forceinline__ void stage_words(T* dst, const T* src, int n, int i, int step) {
+#pragma unroll 4
+  for (; i < n; i += step) dst[i] = src[i];
+}
+
+// The entries of topk_idx's first tile (as for_each_topk_entry stages it), by thread i of n.
+__device__ __forceinline__ void stage_first_topk_tile(const int32_t* topk, int n, int k_count, int32_t* tile, int i,
+                                                      int step) {
+  const int rows_per_tile = kTopkTile / k_count;
+  stage_words(tile, topk, (n < rows_per_tile ? n : rows_per_tile) * k_count, i, step);
+}
+
 template <typename Visit>
-__device__ void for_each_topk_entry(const int32_t* topk, int n, int k_count, int32_t* tile, Visit visit) {
+__device__ void for_each_topk_entry(const int32_t* topk, int n, int k_count, int32_t* tile, bool first_staged,
+                                    Visit visit) {
   const int rows_per_tile = kTopkTile / k_count;
   if (n <= 0) __syncthreads();  // (no tile: still a barrier, as promised)
 #pragma unroll 1
   for (int t0 = 0; t0 < n; t0 += rows_per_tile) {
     const int entries = (n - t0 < rows_per_tile ? n - t0 : rows_per_tile) * k_count;
     const int32_t* src = topk + static_cast<int64_t>(t0) * k_count;
-#pragma unroll 1
-    for (int i = threadIdx.x; i < entries; i += blockDim.x) tile[i] = src[i];
+    if (t0 > 0 || !first_staged) stage_words(tile, src, entries, threadIdx.x, blockDim.x);
     __syncthreads();  // the tile is staged (and whatever the caller cleared before is visible)
 #pragma unroll 1
     for (int i = threadIdx.x; i < entries; i += blockDim.x) {
