@@ -85,12 +85,7 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   const int lane = lane_id();
   uint8_t* local = g.local_region;
   const int64_t row_bytes = 2 * static_cast<int64_t>(l.hidden);
-  for (;;) {
-    const uint32_t item = warp_claim(call_queue(g, seq));
-    if (item >= items) {
-      trace_latest(g, seq, kMarkAllSent);
-      break;
-    }
+  for_each_claimed_item(call_queue(g, seq), items, [&](uint32_t item) {
     if (item < remote_rows) {  // one row of y to its source rank
       const int m = static_cast<int>(item);
       const int p = find_bucket(s.remote_base, num_pairs, m);
@@ -114,7 +109,8 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
                           encode_signal(seq, OpKind::kCombine, 0u));
       }
     }
-  }
+  });
+  trace_latest(g, seq, kMarkAllSent);
   trace_mark(g, seq, OpKind::kCombine, kMarkSent);
 }
 

@@ -371,18 +371,14 @@ __device__ void send_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
                        (l.hidden + kChunk - 1) / kChunk, direct};
   const uint32_t token_items = static_cast<uint32_t>(a.num_tokens) * static_cast<uint32_t>(sc.chunks);
   const uint32_t items = token_items + static_cast<uint32_t>((num_experts + kWarp - 1) / kWarp);
-  for (;;) {
-    const uint32_t item = warp_claim(call_queue(g, seq));
-    if (item >= items) {
-      trace_latest(g, seq, kMarkAllSent);
-      break;
-    }
+  for_each_claimed_item(call_queue(g, seq), items, [&](uint32_t item) {
     if (item < token_items) {
       send_token_chunk<kMode>(g, a, sc, static_cast<int>(item / sc.chunks), static_cast<int>(item % sc.chunks));
     } else {
       signal_empty_experts(g, sc, static_cast<int>(item - token_items) * kWarp);
     }
-  }
+  });
+  trace_latest(g, seq, kMarkAllSent);
   trace_mark(g, seq, OpKind::kDispatch, kMarkSent);
 }
 

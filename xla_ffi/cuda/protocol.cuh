@@ -33,6 +33,14 @@ __device__ __forceinline__ uint32_t atomic_add_release_gpu(uint32_t* p, uint32_t
   asm volatile("atom.add.release.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
   return old;
 }
+// old = *p; *p = old + 1 (atom.inc, which wraps to 0 only at 2^31 - 1, far beyond any queue). An increment that
+// ptxas does not aggregate across the warp, so its result may be read long after it is issued (an add, or an inc
+// bounded by 2^32 - 1, would be; see for_each_claimed_item).
+__device__ __forceinline__ uint32_t atomic_increment_relaxed_gpu(uint32_t* p) {
+  uint32_t old;
+  asm volatile("atom.inc.relaxed.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(0x7fffffffu) : "memory");
+  return old;
+}
 __device__ __forceinline__ uint32_t atomic_add_acq_rel_gpu(uint32_t* p, uint32_t v) {
   uint32_t old;
   asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
@@ -452,6 +460,24 @@ __device__ __forceinline__ uint32_t warp_claim(uint32_t* queue) {
   uint32_t item = 0;
   if (lane_id() == 0) item = atomicAdd(queue, 1u);  // relaxed: the claim orders no data
   return __shfl_sync(0xffffffffu, item, 0);
+}
+
+// Runs work(item) for every item this warp claims from `queue`, until the queue is empty (so a warp leaves only once
+// every item is owned). With no more items than warps in the grid (one item per warp, as a rule) the next claim is
+// issued before the current item's work and its round trip overlaps that work; with more items that would let
+// early warps hold two items while late ones get none, so each claim then follows the work.
+template <typename Work>
+__device__ __forceinline__ void for_each_claimed_item(uint32_t* queue, uint32_t items, Work work) {
+  const bool early = items <= static_cast<uint32_t>(num_global_warps());
+  uint32_t item = warp_claim(queue);
+#pragma unroll 1
+  while (item < items) {
+    // relaxed: the claim orders no data. (An increment: an add would be aggregated across the warp by ptxas, with
+    // its result read at once, and the round trip would no longer overlap the work.)
+    const uint32_t next = early && lane_id() == 0 ? atomic_increment_relaxed_gpu(queue) : 0u;
+    work(item);
+    item = early ? __shfl_sync(0xffffffffu, next, 0) : warp_claim(queue);
+  }
 }
 
 // Warp copy of n 16-byte words with kBatch loads in flight per lane before the first store. Loads at L2 (ld.cg, not
