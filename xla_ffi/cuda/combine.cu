@@ -204,14 +204,20 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
       }
     }
   }
-  const int units = l.hidden / 8;  // 16 bytes of bf16 each
-  const int unit_chunks = (units + kWarp - 1) / kWarp;
-  const int64_t items = static_cast<int64_t>(n) * unit_chunks;
+  const int units = l.hidden / 8;                       // 16 bytes of bf16 each
+  const int unit_chunks = (units + kWarp - 1) / kWarp;  // chunks of 256 channels per token
+  // An item is `per_item` consecutive chunks of one token, as few as give every warp of the grid an item: the
+  // token's routing, weights and rows are found once per item, not once per chunk.
+  const int64_t all_chunks = static_cast<int64_t>(n) * unit_chunks;
+  const int64_t warps = num_global_warps();
+  const int per_item = static_cast<int>(all_chunks > warps ? (all_chunks + warps - 1) / warps : 1);
+  const int items_per_token = (unit_chunks + per_item - 1) / per_item;
+  const int64_t items = static_cast<int64_t>(n) * items_per_token;
 #pragma unroll 1
-  for (int64_t item = global_warp(); item < items; item += num_global_warps()) {
-    const int t = static_cast<int>(item / unit_chunks);
-    const int chunk = static_cast<int>(item % unit_chunks);
-    const int u = chunk * kWarp + lane;
+  for (int64_t item = global_warp(); item < items; item += warps) {
+    const int t = static_cast<int>(item / items_per_token);
+    const int first_chunk = static_cast<int>(item % items_per_token) * per_item;
+    const int end_chunk = first_chunk + per_item < unit_chunks ? first_chunk + per_item : unit_chunks;
     // lane k: the token's k-th choice, its weight, and where its row is (own rows of a fused call: in y itself,
     // checked against the handle; else the receive region)
     const int64_t entry = static_cast<int64_t>(t) * k_count + lane;
@@ -238,54 +244,58 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
         src = l.combine_row(local, parity, t, lane);
       }
     }
-    const bool active = u < units;
-    float acc[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
     uint32_t use = 0u;
-    for (int k0 = 0; k0 < k_count; k0 += kLoadBatch) {
-      uint4 v[kLoadBatch];
-      float wk[kLoadBatch];
+#pragma unroll 1
+    for (int chunk = first_chunk; chunk < end_chunk; ++chunk) {
+      const int u = chunk * kWarp + lane;
+      const bool active = u < units;
+      float acc[8];
 #pragma unroll
-      for (int j = 0; j < kLoadBatch; ++j) {  // every load of the batch in flight before the first add
-        const int k = k0 + j;
-        const uint8_t* p = reinterpret_cast<const uint8_t*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(src), k & (kWarp - 1)));
-        wk[j] = __shfl_sync(0xffffffffu, weight, k & (kWarp - 1));
-        v[j] = make_uint4(0, 0, 0, 0);
-        if (active && k < k_count && p != nullptr) v[j] = __ldcg(reinterpret_cast<const uint4*>(p) + u);
-      }
-      if (k0 == 0) {
-        // the rows that count: valid entries whose row exists and (own rows) maps back to this (token, k)
-        const bool row_ok = valid && src != nullptr && seen_t == t && seen_k == lane;
-        use = valid_mask & __ballot_sync(0xffffffffu, row_ok);
-        if (chunk == 0 && valid && !row_ok) {  // reported once per (token, k)
-          record_error(state, g.error_flag,
-                       ErrorInfo{ErrorCode::kInvalidHandle, OpKind::kCombine, seq, own_row, t, lane, 0});
+      for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+      for (int k0 = 0; k0 < k_count; k0 += kLoadBatch) {
+        uint4 v[kLoadBatch];
+        float wk[kLoadBatch];
+#pragma unroll
+        for (int j = 0; j < kLoadBatch; ++j) {  // every load of the batch in flight before the first add
+          const int k = k0 + j;
+          const uint8_t* p = reinterpret_cast<const uint8_t*>(
+              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(src), k & (kWarp - 1)));
+          wk[j] = __shfl_sync(0xffffffffu, weight, k & (kWarp - 1));
+          v[j] = make_uint4(0, 0, 0, 0);
+          if (active && k < k_count && p != nullptr) v[j] = __ldcg(reinterpret_cast<const uint4*>(p) + u);
+        }
+        if (chunk == first_chunk && k0 == 0) {
+          // the rows that count: valid entries whose row exists and (own rows) maps back to this (token, k)
+          const bool row_ok = valid && src != nullptr && seen_t == t && seen_k == lane;
+          use = valid_mask & __ballot_sync(0xffffffffu, row_ok);
+          if (first_chunk == 0 && valid && !row_ok) {  // reported once per (token, k)
+            record_error(state, g.error_flag,
+                         ErrorInfo{ErrorCode::kInvalidHandle, OpKind::kCombine, seq, own_row, t, lane, 0});
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kLoadBatch; ++j) {
+          const int k = k0 + j;
+          if (k >= k_count || !((use >> k) & 1u)) continue;  // rows of invalid k are never used
+          const uint32_t words4[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            acc[2 * q] = __fadd_rn(acc[2 * q], __fmul_rn(wk[j], __uint_as_float(words4[q] << 16)));
+            acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], __fmul_rn(wk[j], __uint_as_float(words4[q] & 0xFFFF0000u)));
+          }
         }
       }
+      if (!active) continue;
+      uint32_t out[4];
 #pragma unroll
-      for (int j = 0; j < kLoadBatch; ++j) {
-        const int k = k0 + j;
-        if (k >= k_count || !((use >> k) & 1u)) continue;  // rows of invalid k are never used
-        const uint32_t words4[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          acc[2 * q] = __fadd_rn(acc[2 * q], __fmul_rn(wk[j], __uint_as_float(words4[q] << 16)));
-          acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], __fmul_rn(wk[j], __uint_as_float(words4[q] & 0xFFFF0000u)));
-        }
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * q]));
+        const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * q + 1]));
+        out[q] = lo | (hi << 16);
       }
+      reinterpret_cast<uint4*>(a.out + static_cast<int64_t>(t) * l.hidden)[u] =
+          make_uint4(out[0], out[1], out[2], out[3]);
     }
-    if (!active) continue;
-    uint32_t out[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * q]));
-      const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * q + 1]));
-      out[q] = lo | (hi << 16);
-    }
-    reinterpret_cast<uint4*>(a.out + static_cast<int64_t>(t) * l.hidden)[u] =
-        make_uint4(out[0], out[1], out[2], out[3]);
   }
   trace_mark(g, seq, OpKind::kCombine, kMarkReceived);
 }
