@@ -14,8 +14,13 @@ read the same memory; the first calls of every execution and the whole first exe
 The overhead of the timing itself (back-to-back stamps, resp. stamps with the tie and the dependency kernel and no
 op between them) is measured in the same process and subtracted by run.py.
 
-Writes OUT_DIR/rank<RANK>.json: raw stamp differences (ns) per method, T and op, the stamp-to-stamp overhead, and
-(rank 0 of the 1-rank run) the device-copy bandwidth.
+Loop mode (methods ``cuda_loop`` and ``jax_packed_loop``, 1 rank only): the pair as a model calls it, a jitted
+``lax.fori_loop`` of dependent bf16 dispatch+combine pairs (each consumes the previous pair's output), timed by the
+host wall clock around whole loops and divided by their length (``pair_ns``). No stamps: the loop is what users feel,
+launch gaps, XLA's own kernels between the ops and instruction fetch after the other op's kernel included.
+
+Writes OUT_DIR/rank<RANK>.json: raw stamp differences (ns) per method, T and op, the loop mode's ns per pair, the
+stamp-to-stamp overhead, and (rank 0 of the 1-rank run) the device-copy bandwidth.
 """
 
 from __future__ import annotations
@@ -295,6 +300,59 @@ def program(m: Mesh, method, order_id: int, calls: int, sets: int, fields, nativ
     return jax.jit(jax.shard_map(body, mesh=m, in_specs=({f: P(AXIS) for f in fields},), out_specs=P(AXIS)))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Loop mode: the pair as a model calls it (a jitted lax.fori_loop of dependent bf16 dispatch+combine pairs, host wall
+# clock per loop divided by its length), for jax_ll_ep and for the JAX-native packed pair in the same process
+# ---------------------------------------------------------------------------------------------------------------
+def native_pair(buf):
+    """x -> combine(dispatch(x)): bf16 dispatch, the received rows themselves as the experts' outputs."""
+
+    def pair(x, t, w):
+        recv_x, _, handle = ep.dispatch(buf, x, t)
+        return ep.combine(buf, recv_x, t, w, handle)
+
+    return pair
+
+
+def jax_packed_pair(experts):
+    """The JAX-native packed pair in bf16: argsort + gather into [n*K, H] (and the per-expert counts), then the
+    inverse permutation and the weighted sum in k order (the contract's rounding), as ``jax_packed`` without fp8."""
+
+    def pair(x, t, w):
+        n, k = t.shape
+        flat = t.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        counts = jnp.bincount(flat, length=experts)
+        rows = x[order // k]
+        inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        out = weighted_sum(rows[inv].reshape(n, k, -1), w)
+        # counts feed the result (by a value that is always 0) so that XLA keeps the whole dispatch
+        return out + (jnp.min(counts) * 0).astype(out.dtype)
+
+    return pair
+
+
+def loop_program(m: Mesh, pair, iters: int):
+    """One jitted fori_loop of `iters` pairs, each consuming the previous pair's output (weights sum to 1, so the
+    values stay bounded)."""
+
+    def body(x, t, w):
+        return jax.lax.fori_loop(0, iters, lambda _, xc: pair(xc, t, w), x)
+
+    return jax.jit(jax.shard_map(body, mesh=m, in_specs=(P(AXIS),) * 3, out_specs=P(AXIS)))
+
+
+def measure_loop(fn, args, *, iters: int, repeats: int) -> dict:
+    """Host wall clock of whole loops (the first, with compilation, excluded), per pair in ns."""
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append((time.perf_counter() - t0) * 1e9 / iters)
+    return {"pair_ns": samples, "iterations": iters}
+
+
 def overhead_program(m: Mesh, order_id: int, count: int, native: bool):
     """Stamps with nothing between them (native: on the token; else with the tie and the dependency kernel that
     surround an XLA-only call): the overhead each measured interval carries."""
@@ -395,6 +453,52 @@ def copy_bandwidth(m: Mesh) -> dict:
     return {"bytes": 2 * 4 * n, "median_ns": float(np.median(times)), "gbps": 2 * 4 * n / t / 1e9 if t > 0 else 0.0}
 
 
+LOOP_METHODS = ("cuda_loop", "jax_packed_loop")
+
+
+def run_loop(m: Mesh, name: str, t_max: int, hidden: int, topk: int, experts: int) -> dict:
+    """One loop-mode row (1 rank): ``pair_ns`` per pair, or the error."""
+    entry = {"method": name, "tokens": t_max}
+    t0 = time.time()
+    buf = None
+    try:
+        inputs = make_inputs(
+            m, sets=1, n=t_max, t_max=t_max, hidden=hidden, topk=topk, experts=experts, want_packed=False
+        )
+        if name == "cuda_loop":
+            backend = "cpu" if DRY_RUN else "cuda"
+            buf = ep.Buffer(
+                m,
+                AXIS,
+                num_experts=experts,
+                max_tokens_per_rank=t_max,
+                hidden=hidden,
+                backend=backend,
+                timeout_s=CFG["timeout_s"],
+            )
+            pair = native_pair(buf)
+        else:
+            pair = jax_packed_pair(experts)
+        iters = CFG.get("loop_iterations", 200)
+        fn = loop_program(m, pair, iters)
+        entry.update(
+            measure_loop(
+                fn, (inputs["x"][0], inputs["t"][0], inputs["w"][0]), iters=iters, repeats=CFG.get("loop_repeats", 5)
+            )
+        )
+        if buf is not None:
+            buf.check()
+        entry["seconds"] = round(time.time() - t0, 1)
+        log(f"{name} T={t_max}: pair {np.median(entry['pair_ns']) / 1e3:.1f} us ({entry['seconds']} s)")
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        entry["error"] = f"{type(exc).__name__}: {str(exc)[:1500]}"
+        log(f"{name} T={t_max}: FAILED {entry['error'][:300]}")
+    finally:
+        if buf is not None:
+            buf.close()
+    return entry
+
+
 def main() -> None:
     m = mesh()
     if not DRY_RUN:
@@ -436,6 +540,11 @@ def main() -> None:
     H, K, E = CFG["hidden"], CFG["topk"], CFG["experts"]
     for t_max in CFG["tokens"]:
         for name in CFG["methods"]:
+            if name in LOOP_METHODS:
+                if NRANKS == 1 and t_max in CFG.get("loop_tokens", ()):
+                    result["runs"].append(run_loop(m, name, t_max, H, K, E))
+                    save()
+                continue
             if name != "cuda" and NRANKS > 1:
                 continue  # XLA collectives do not run with several processes on one GPU (see run.py)
             if name != "cuda" and t_max not in CFG.get("baseline_tokens", CFG["tokens"]):

@@ -15,6 +15,11 @@ into the contract's padded [E, T, H] layout (``jax_padded``), and ``jax.lax.ragg
 rows (``ragged_a2a``). They run for 1 rank only: with several processes on one GPU XLA's collectives fail (NCCL
 refuses two ranks on one device), and the local paths have no cross-rank exchange at all.
 
+Loop mode (1 rank, T in --loop-tokens, default 1 16 128 256): rows with method ``cuda_loop`` (jax_ll_ep) and
+``jax_packed_loop`` (the JAX-native packed pair, bf16) hold ``pair_us``: host wall clock per dependent bf16
+dispatch+combine pair inside one jitted ``lax.fori_loop`` of --loop-iterations pairs (gpu_worker.py), the way a model
+calls the ops. They are printed as a second table.
+
 Reported per (ranks, T, method, op): median and p90 latency (the stamp-to-stamp overhead measured in the same
 process subtracted), logical GB/s (per selected pair: H + H/32 + 16 bytes fp8 dispatch, 2H combine), the bytes the
 op must move through device memory, the floor those bytes give at the device-copy bandwidth measured in the same
@@ -56,7 +61,8 @@ sys.path.insert(0, str(ROOT))
 from jax_ll_ep.testing import free_port, launch_ranks  # noqa: E402
 
 RESULTS = HERE / "results"
-METHODS = ("cuda", "xla", "jax_packed", "jax_padded", "ragged_a2a")
+METHODS = ("cuda", "xla", "jax_packed", "jax_padded", "ragged_a2a", "cuda_loop", "jax_packed_loop")
+LOOP_METHODS = ("cuda_loop", "jax_packed_loop")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,6 +175,11 @@ def aggregate(per_ranks: dict[int, list[dict]], args, copy_gbps: float) -> list[
             errors = [run["error"] for _, run in runs if "error" in run]
             if errors:
                 row["error"] = errors[0]
+            if method in LOOP_METHODS:
+                row["pair_us"] = stats_us([s for _, run in runs for s in run.get("pair_ns", [])], 0.0)
+                row["loop_iterations"] = next((run["iterations"] for _, run in runs if "iterations" in run), None)
+                rows.append(row)
+                continue
             for op in ("dispatch", "combine"):
                 samples = []
                 for r, run in runs:
@@ -197,6 +208,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "| floor us (d / c) | x floor (d / c) |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+    loop_rows = [r for r in rows if r["method"] in LOOP_METHODS]
+    rows = [r for r in rows if r["method"] not in LOOP_METHODS]
     for r in rows:
         if "error" in r and not r["dispatch"].get("median_us"):
             lines.append(f"| {r['ranks']} | {r['tokens']} | {r['method']} | not run: {r['error'][:80]} | | | | | |")
@@ -213,7 +226,40 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {f(d.get('floor_us'), '{:.2f}')} / {f(c.get('floor_us'), '{:.2f}')} "
             f"| {f(d.get('x_floor'), '{:.3g}')} / {f(c.get('x_floor'), '{:.3g}')} |"
         )
+    if loop_rows:
+        lines += ["", *loop_table(loop_rows)]
     return "\n".join(lines) + "\n"
+
+
+def loop_table(rows: list[dict]) -> list[str]:
+    """The loop mode: us per dependent bf16 pair (median, p90) for jax_ll_ep and the JAX-native packed pair."""
+    by_t: dict[int, dict] = {}
+    for r in rows:
+        by_t.setdefault(r["tokens"], {})[r["method"]] = r
+
+    def cell(r):
+        if r is None:
+            return "-"
+        p = r.get("pair_us") or {}
+        if not p.get("median_us"):
+            return f"not run: {r.get('error', '?')[:60]}"
+        return f"{p['median_us']:.1f} ({p['p90_us']:.1f})"
+
+    iters = next((r.get("loop_iterations") for r in rows if r.get("loop_iterations")), "?")
+    lines = [
+        f"Loop mode, 1 rank: us per bf16 dispatch+combine pair inside a jitted lax.fori_loop of {iters} dependent "
+        "pairs (host wall clock; median (p90))",
+        "",
+        "| T | jax_ll_ep pair us | JAX-native packed pair us | ratio |",
+        "|---:|---:|---:|---:|",
+    ]
+    for t, ms in sorted(by_t.items()):
+        a, b = ms.get("cuda_loop"), ms.get("jax_packed_loop")
+        ma = ((a or {}).get("pair_us") or {}).get("median_us")
+        mb = ((b or {}).get("pair_us") or {}).get("median_us")
+        ratio = f"{ma / mb:.2f}" if ma and mb else "-"
+        lines.append(f"| {t} | {cell(a)} | {cell(b)} | {ratio} |")
+    return lines
 
 
 def plot(rows: list[dict], meta: dict, path: Path) -> bool:
@@ -230,7 +276,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
         series: dict[tuple, list] = {}
         floors: dict[int, list] = {}
         for r in rows:
-            if r[op].get("median_us") is None:
+            if r["method"] in LOOP_METHODS or r[op].get("median_us") is None:
                 continue
             series.setdefault((r["method"], r["ranks"]), []).append((r["tokens"], r[op]["median_us"]))
             if r["method"] == "cuda" and r[op].get("floor_us"):
@@ -313,6 +359,9 @@ def gpu_suite(args) -> int:
         "copy_bandwidth": True,
         "timeout_s": args.timeout_s,
         "sequence": args.sequence,
+        "loop_tokens": args.loop_tokens,
+        "loop_iterations": args.loop_iterations,
+        "loop_repeats": args.loop_repeats,
     }
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="jax_ll_ep_bench_"))
     per_ranks: dict[int, list[dict]] = {}
@@ -368,6 +417,11 @@ def main() -> int:
     parser.add_argument(
         "--baseline-tokens", type=int, nargs="+", default=[1, 128], help="T values of the baselines (1 rank only)"
     )
+    parser.add_argument(
+        "--loop-tokens", type=int, nargs="+", default=[1, 16, 128, 256], help="T values of the loop mode (1 rank only)"
+    )
+    parser.add_argument("--loop-iterations", type=int, default=200, help="dependent pairs per loop (loop mode)")
+    parser.add_argument("--loop-repeats", type=int, default=5, help="timed loops per row (loop mode)")
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--experts", type=int, default=256)

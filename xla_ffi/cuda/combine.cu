@@ -30,8 +30,9 @@ constexpr int kLoadBatch = 8;  // row loads in flight per lane in the reduction
 // Shared memory of the send half.
 struct SendTables {
   int32_t* count;        // [P] rows of each pair (0 where the handle's entry is invalid)
-  int32_t* remote;       // [P] rows copied through the symmetric region (count, or 0 for own pairs of a fused call)
-  int32_t* remote_base;  // [P + 1] exclusive scan of remote
+  int32_t* remote_base;  // [P + 1] exclusive scan of the rows copied through the symmetric region (count, or 0 for
+                         // own pairs of a fused call)
+  int32_t* totals;       // [kWarp] scan scratch
 };
 
 struct SendContext {
@@ -62,10 +63,11 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   const int num_pairs = static_cast<int>(l.num_pairs());
   const int num_ranks = l.num_ranks, rank = g.group.rank;
   const int64_t rows = static_cast<int64_t>(num_ranks) * l.max_tokens;
-  const SendTables s{smem, smem + num_pairs, smem + 2 * num_pairs};
+  const SendTables s{smem, smem + num_pairs, smem + 2 * num_pairs + 1};
   const SendContext sc{s, seq, parity_of(seq), direct};
-#pragma unroll 1
-  for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
+  // Each pair's entry of the handle, validated, and scanned by the whole block into the remote rows' order (the
+  // scan's last barrier also publishes count).
+  block_exclusive_scan(num_pairs, s.remote_base, s.totals, [&](int p) {
     const int32_t offset = a.layout_range[2 * p], c = a.layout_range[2 * p + 1];
     const bool ok = offset >= 0 && c >= 0 && c <= l.max_tokens && offset <= rows - c;
     if (!ok && blockIdx.x == 0) {
@@ -75,21 +77,15 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
     }
     const bool own = direct && p % num_ranks == rank;
     s.count[p] = ok ? c : 0;
-    s.remote[p] = ok && !own ? c : 0;
-  }
-  block_exclusive_scan(s.remote, s.remote_base, num_pairs);  // (its barriers also publish count)
+    return ok && !own ? c : 0;
+  });
   trace_mark(g, seq, OpKind::kCombine, kMarkTables);
   const uint32_t remote_rows = static_cast<uint32_t>(s.remote_base[num_pairs]);
   const uint32_t items = remote_rows + static_cast<uint32_t>((num_pairs + kWarp - 1) / kWarp);
   const int lane = lane_id();
   uint8_t* local = g.local_region;
   const int64_t row_bytes = 2 * static_cast<int64_t>(l.hidden);
-  for (;;) {
-    const uint32_t item = warp_claim(call_queue(g, seq));
-    if (item >= items) {
-      trace_latest(g, seq, kMarkAllSent);
-      break;
-    }
+  for_each_claimed_item(call_queue(g, seq), items, [&](uint32_t item) {
     if (item < remote_rows) {  // one row of y to its source rank
       const int m = static_cast<int>(item);
       const int p = find_bucket(s.remote_base, num_pairs, m);
@@ -113,7 +109,8 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
                           encode_signal(seq, OpKind::kCombine, 0u));
       }
     }
-  }
+  });
+  trace_latest(g, seq, kMarkAllSent);
   trace_mark(g, seq, OpKind::kCombine, kMarkSent);
 }
 
@@ -127,7 +124,7 @@ struct RecvTables {
   float* weights;       // [kTopkTile] topk_weights, when all of topk_idx fits one tile
 };
 
-__host__ __device__ __forceinline__ int64_t send_table_words(const Layout& l) { return 3 * l.num_pairs() + 1; }
+__host__ __device__ __forceinline__ int64_t send_table_words(const Layout& l) { return 2 * l.num_pairs() + 1 + kWarp; }
 __host__ __device__ __forceinline__ int64_t recv_table_words(const Layout& l) {
   return 2 * l.num_pairs() + l.num_local_experts + static_cast<int64_t>(l.num_local_experts) * words_per_expert(l) +
          2 * kTopkTile;
@@ -165,12 +162,12 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   const int n = a.num_tokens, k_count = a.num_topk;
 
   const bool tile_holds_all = static_cast<int64_t>(n) * k_count <= kTopkTile;
-  if (tile_holds_all) {
+  // (topk_idx's first tile, and the weights when it holds all, were staged at entry: start_receive_tables)
+  const bool check = blockIdx.x == 0;  // block 0 checks the announced counts against the expected ones
+  if (check) {
 #pragma unroll 1
-    for (int i = threadIdx.x; i < n * k_count; i += blockDim.x) s.weights[i] = a.topk_weights[i];
+    for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) s.expected[p] = 0;
   }
-#pragma unroll 1
-  for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) s.expected[p] = 0;
   if (direct) {
 #pragma unroll 1
     for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
@@ -180,11 +177,11 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
 #pragma unroll 1
     for (int i = threadIdx.x; i < num_local * words; i += blockDim.x) s.own_mask[i] = 0u;
   }
-  // (the staging barrier inside orders the clearing and staging above before the visits and every later read)
-  for_each_topk_entry(a.topk_idx, n, k_count, s.tile, [&](int t, int, int32_t id, bool first, const int32_t*) {
+  // (the staging barrier inside orders the clearing above, and the entry barrier the staging, before the visits)
+  for_each_topk_entry(a.topk_idx, n, k_count, s.tile, true, [&](int t, int, int32_t id, bool first, const int32_t*) {
     if (id < 0 || id >= num_experts || !first) return;
     const int e = id % num_local, owner = id / num_local;
-    atomicAdd(&s.expected[e * num_ranks + owner], 1);
+    if (check) atomicAdd(&s.expected[e * num_ranks + owner], 1);
     if (direct && owner == rank) atomicOr(&s.own_mask[e * words + t / 32], 1u << (t % 32));
   });
   if (threadIdx.x < kWarp) {
@@ -193,31 +190,34 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
                         l.max_tokens, num_ranks,        num_ranks > 1};
     warp_wait_signals(w, num_pairs, l.combine_signal(local, parity, 0, 0), l.dispatch_signal(local, parity, 0, 0),
                       direct ? rank : -1, s.count);
-    const auto own = [&](int p) { return direct && p % num_ranks == rank; };
-#pragma unroll 1
-    for (int p = threadIdx.x; p < num_pairs; p += kWarp) {
-      if (own(p)) s.count[p] = layout_count[p];
-    }
   }
   __syncthreads();  // warp 0's acquire (and the counts) precede every read below
   trace_mark(g, seq, OpKind::kCombine, kMarkArrived);
-  if (blockIdx.x == 0) {
+  if (check) {
+    // own pairs of a fused call were not waited for: their count is the send half's validated one
 #pragma unroll 1
     for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
-      if (s.count[p] >= 0 && s.count[p] != s.expected[p]) {
+      const int32_t c = direct && p % num_ranks == rank ? layout_count[p] : s.count[p];
+      if (c >= 0 && c != s.expected[p]) {
         record_error(state, g.error_flag,
                      ErrorInfo{ErrorCode::kInvalidHandle, OpKind::kCombine, seq, p, p % num_ranks, p / num_ranks, 0});
       }
     }
   }
-  const int units = l.hidden / 8;  // 16 bytes of bf16 each
-  const int unit_chunks = (units + kWarp - 1) / kWarp;
-  const int64_t items = static_cast<int64_t>(n) * unit_chunks;
+  const int units = l.hidden / 8;                       // 16 bytes of bf16 each
+  const int unit_chunks = (units + kWarp - 1) / kWarp;  // chunks of 256 channels per token
+  // An item is `per_item` consecutive chunks of one token, as few as give every warp of the grid an item: the
+  // token's routing, weights and rows are found once per item, not once per chunk.
+  const int64_t all_chunks = static_cast<int64_t>(n) * unit_chunks;
+  const int64_t warps = num_global_warps();
+  const int per_item = static_cast<int>(all_chunks > warps ? (all_chunks + warps - 1) / warps : 1);
+  const int items_per_token = (unit_chunks + per_item - 1) / per_item;
+  const int64_t items = static_cast<int64_t>(n) * items_per_token;
 #pragma unroll 1
-  for (int64_t item = global_warp(); item < items; item += num_global_warps()) {
-    const int t = static_cast<int>(item / unit_chunks);
-    const int chunk = static_cast<int>(item % unit_chunks);
-    const int u = chunk * kWarp + lane;
+  for (int64_t item = global_warp(); item < items; item += warps) {
+    const int t = static_cast<int>(item / items_per_token);
+    const int first_chunk = static_cast<int>(item % items_per_token) * per_item;
+    const int end_chunk = first_chunk + per_item < unit_chunks ? first_chunk + per_item : unit_chunks;
     // lane k: the token's k-th choice, its weight, and where its row is (own rows of a fused call: in y itself,
     // checked against the handle; else the receive region)
     const int64_t entry = static_cast<int64_t>(t) * k_count + lane;
@@ -244,62 +244,80 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
         src = l.combine_row(local, parity, t, lane);
       }
     }
-    const bool active = u < units;
-    float acc[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
     uint32_t use = 0u;
-    for (int k0 = 0; k0 < k_count; k0 += kLoadBatch) {
-      uint4 v[kLoadBatch];
-      float wk[kLoadBatch];
+#pragma unroll 1
+    for (int chunk = first_chunk; chunk < end_chunk; ++chunk) {
+      const int u = chunk * kWarp + lane;
+      const bool active = u < units;
+      float acc[8];
 #pragma unroll
-      for (int j = 0; j < kLoadBatch; ++j) {  // every load of the batch in flight before the first add
-        const int k = k0 + j;
-        const uint8_t* p = reinterpret_cast<const uint8_t*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(src), k & (kWarp - 1)));
-        wk[j] = __shfl_sync(0xffffffffu, weight, k & (kWarp - 1));
-        v[j] = make_uint4(0, 0, 0, 0);
-        if (active && k < k_count && p != nullptr) v[j] = __ldcg(reinterpret_cast<const uint4*>(p) + u);
-      }
-      if (k0 == 0) {
-        // the rows that count: valid entries whose row exists and (own rows) maps back to this (token, k)
-        const bool row_ok = valid && src != nullptr && seen_t == t && seen_k == lane;
-        use = valid_mask & __ballot_sync(0xffffffffu, row_ok);
-        if (chunk == 0 && valid && !row_ok) {  // reported once per (token, k)
-          record_error(state, g.error_flag,
-                       ErrorInfo{ErrorCode::kInvalidHandle, OpKind::kCombine, seq, own_row, t, lane, 0});
+      for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+      for (int k0 = 0; k0 < k_count; k0 += kLoadBatch) {
+        uint4 v[kLoadBatch];
+        float wk[kLoadBatch];
+#pragma unroll
+        for (int j = 0; j < kLoadBatch; ++j) {  // every load of the batch in flight before the first add
+          const int k = k0 + j;
+          const uint8_t* p = reinterpret_cast<const uint8_t*>(
+              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(src), k & (kWarp - 1)));
+          wk[j] = __shfl_sync(0xffffffffu, weight, k & (kWarp - 1));
+          v[j] = make_uint4(0, 0, 0, 0);
+          if (active && k < k_count && p != nullptr) v[j] = __ldcg(reinterpret_cast<const uint4*>(p) + u);
+        }
+        if (chunk == first_chunk && k0 == 0) {
+          // the rows that count: valid entries whose row exists and (own rows) maps back to this (token, k)
+          const bool row_ok = valid && src != nullptr && seen_t == t && seen_k == lane;
+          use = valid_mask & __ballot_sync(0xffffffffu, row_ok);
+          if (first_chunk == 0 && valid && !row_ok) {  // reported once per (token, k)
+            record_error(state, g.error_flag,
+                         ErrorInfo{ErrorCode::kInvalidHandle, OpKind::kCombine, seq, own_row, t, lane, 0});
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kLoadBatch; ++j) {
+          const int k = k0 + j;
+          if (k >= k_count || !((use >> k) & 1u)) continue;  // rows of invalid k are never used
+          const uint32_t words4[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            acc[2 * q] = __fadd_rn(acc[2 * q], __fmul_rn(wk[j], __uint_as_float(words4[q] << 16)));
+            acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], __fmul_rn(wk[j], __uint_as_float(words4[q] & 0xFFFF0000u)));
+          }
         }
       }
+      if (!active) continue;
+      uint32_t out[4];
 #pragma unroll
-      for (int j = 0; j < kLoadBatch; ++j) {
-        const int k = k0 + j;
-        if (k >= k_count || !((use >> k) & 1u)) continue;  // rows of invalid k are never used
-        const uint32_t words4[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          acc[2 * q] = __fadd_rn(acc[2 * q], __fmul_rn(wk[j], __uint_as_float(words4[q] << 16)));
-          acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], __fmul_rn(wk[j], __uint_as_float(words4[q] & 0xFFFF0000u)));
-        }
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * q]));
+        const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * q + 1]));
+        out[q] = lo | (hi << 16);
       }
+      reinterpret_cast<uint4*>(a.out + static_cast<int64_t>(t) * l.hidden)[u] =
+          make_uint4(out[0], out[1], out[2], out[3]);
     }
-    if (!active) continue;
-    uint32_t out[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * q]));
-      const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * q + 1]));
-      out[q] = lo | (hi << 16);
-    }
-    reinterpret_cast<uint4*>(a.out + static_cast<int64_t>(t) * l.hidden)[u] =
-        make_uint4(out[0], out[1], out[2], out[3]);
   }
   trace_mark(g, seq, OpKind::kCombine, kMarkReceived);
 }
 
+// The receive half's inputs staged before the entry barrier (enter_call's prologue), while thread 0 reads the call
+// state: topk_idx's first tile, and the weights when that tile holds all of topk_idx. By thread i of `step`.
+__device__ __forceinline__ void start_receive_tables(const Layout& l, const CombineArgs& a, int32_t* smem, int i,
+                                                     int step) {
+  const RecvTables s = recv_tables(l, smem);
+  stage_first_topk_tile(a.topk_idx, a.num_tokens, a.num_topk, s.tile, i, step);
+  if (static_cast<int64_t>(a.num_tokens) * a.num_topk <= kTopkTile) {
+    stage_words(s.weights, a.topk_weights, a.num_tokens * a.num_topk, i, step);
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) combine_kernel(CudaGroup g, CombineArgs a) {
   extern __shared__ __align__(16) int32_t smem_words[];
-  const CallPlan plan = enter_call(g, OpKind::kCombine, reinterpret_cast<CallPlan*>(smem_words));
   int32_t* tables = smem_words + kPlanBytes / 4;
+  const bool recv = (g.group.phases & kRecvPhase) != 0;  // (the plan's receive half: plan_call)
+  const CallPlan plan = enter_call(g, OpKind::kCombine, reinterpret_cast<CallPlan*>(smem_words), [&](int i, int n) {
+    if (recv) start_receive_tables(g.group.layout, a, tables, i, n);
+  });
   trace_mark(g, plan.seq, OpKind::kCombine, kMarkEntry);
   if (plan.refuse == ErrorCode::kOk) {
     const bool direct = plan.send && plan.recv;

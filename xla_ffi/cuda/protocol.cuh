@@ -33,6 +33,14 @@ __device__ __forceinline__ uint32_t atomic_add_release_gpu(uint32_t* p, uint32_t
   asm volatile("atom.add.release.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
   return old;
 }
+// old = *p; *p = old + 1 (atom.inc, which wraps to 0 only at 2^31 - 1, far beyond any queue). An increment that
+// ptxas does not aggregate across the warp, so its result may be read long after it is issued (an add, or an inc
+// bounded by 2^32 - 1, would be; see for_each_claimed_item).
+__device__ __forceinline__ uint32_t atomic_increment_relaxed_gpu(uint32_t* p) {
+  uint32_t old;
+  asm volatile("atom.inc.relaxed.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(0x7fffffffu) : "memory");
+  return old;
+}
 __device__ __forceinline__ uint32_t atomic_add_acq_rel_gpu(uint32_t* p, uint32_t v) {
   uint32_t old;
   asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
@@ -145,8 +153,12 @@ __device__ __forceinline__ CallPlan plan_call(const CallState& cs, OpKind kind, 
 // Called by every thread at kernel entry. Thread 0 of each block reads the call state and counts the block in; the
 // last block in re-arms the entry counter and the other parity's work queue (its last user, the previous call,
 // has finished: stream order), then advances the state: a receive half closes the call, a send half alone opens it
-// and hands its ticket to the receive half. Returns after a block barrier, with the plan in every thread.
-__device__ __forceinline__ CallPlan enter_call(const CudaGroup& g, OpKind kind, CallPlan* shared_plan) {
+// and hands its ticket to the receive half. Meanwhile the threads of warps 1.. run prologue(i, n) (thread i of n):
+// work that needs no plan (staging inputs into shared memory), overlapped with thread 0's two round trips.
+// Returns after a block barrier, with the plan and the prologue's stores visible to every thread.
+template <typename Prologue>
+__device__ __forceinline__ CallPlan enter_call(const CudaGroup& g, OpKind kind, CallPlan* shared_plan,
+                                               Prologue prologue) {
   if (threadIdx.x == 0) {
     RankState* state = g.group.layout.state(g.local_region);
     const volatile RankState* vs = state;
@@ -171,8 +183,10 @@ __device__ __forceinline__ CallPlan enter_call(const CudaGroup& g, OpKind kind, 
         }
       }
     }
+  } else if (threadIdx.x >= kWarp) {
+    prologue(static_cast<int>(threadIdx.x) - kWarp, static_cast<int>(blockDim.x) - kWarp);
   }
-  __syncthreads();  // the plan in shared memory is visible to the block
+  __syncthreads();  // the plan (and the prologue's shared memory) is visible to the block
   return *shared_plan;
 }
 
@@ -312,20 +326,35 @@ static __device__ void warp_wait_signals(const WaitContext& w, int n, const uint
 // ---------------------------------------------------------------------------------------------------------------
 // Routing tables. The whole block visits every entry of topk_idx [n][K], staged through shared memory in tiles of
 // whole rows (coalesced loads); `first` is false for an id already seen earlier in its row (a repeat, treated as
-// -1 by the protocol). Returns after a block barrier.
+// -1 by the protocol). With `first_staged` the first tile is already in `tile` (stage_first_topk_tile, before a
+// block barrier). Returns after a block barrier.
 // ---------------------------------------------------------------------------------------------------------------
 inline constexpr int kTopkTile = 2048;  // entries staged at once (8 KB of shared memory)
 
+// Copies entries [i, n) with stride `step` of `src` into `dst`, 4 loads in flight per thread.
+template <typename T>
+__device__ __forceinline__ void stage_words(T* dst, const T* src, int n, int i, int step) {
+#pragma unroll 4
+  for (; i < n; i += step) dst[i] = src[i];
+}
+
+// The entries of topk_idx's first tile (as for_each_topk_entry stages it), by thread i of n.
+__device__ __forceinline__ void stage_first_topk_tile(const int32_t* topk, int n, int k_count, int32_t* tile, int i,
+                                                      int step) {
+  const int rows_per_tile = kTopkTile / k_count;
+  stage_words(tile, topk, (n < rows_per_tile ? n : rows_per_tile) * k_count, i, step);
+}
+
 template <typename Visit>
-__device__ void for_each_topk_entry(const int32_t* topk, int n, int k_count, int32_t* tile, Visit visit) {
+__device__ void for_each_topk_entry(const int32_t* topk, int n, int k_count, int32_t* tile, bool first_staged,
+                                    Visit visit) {
   const int rows_per_tile = kTopkTile / k_count;
   if (n <= 0) __syncthreads();  // (no tile: still a barrier, as promised)
 #pragma unroll 1
   for (int t0 = 0; t0 < n; t0 += rows_per_tile) {
     const int entries = (n - t0 < rows_per_tile ? n - t0 : rows_per_tile) * k_count;
     const int32_t* src = topk + static_cast<int64_t>(t0) * k_count;
-#pragma unroll 1
-    for (int i = threadIdx.x; i < entries; i += blockDim.x) tile[i] = src[i];
+    if (t0 > 0 || !first_staged) stage_words(tile, src, entries, threadIdx.x, blockDim.x);
     __syncthreads();  // the tile is staged (and whatever the caller cleared before is visible)
 #pragma unroll 1
     for (int i = threadIdx.x; i < entries; i += blockDim.x) {
@@ -365,30 +394,45 @@ __device__ __forceinline__ int32_t slot_of(const uint32_t* expert_mask, int t) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Exclusive scan of n counts (shared memory) into base[0..n] by warp 0; base[n] is the total. Call from the whole
-// block; returns after a block barrier.
+// Exclusive scan of value(0 .. n-1) into base[0..n] (base[n] is the total) by the whole block: each warp scans 32
+// values in registers and adds the totals of the warps before it (`totals`: kWarp words of shared scratch), so no
+// warp walks the n values alone while the others wait. value(i) is called once per i, by one thread, after a block
+// barrier: it may read what any thread wrote before the call, and write entry i of the caller's own arrays. Call
+// from the whole block; returns after a block barrier.
 // ---------------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ void block_exclusive_scan(const int32_t* counts, int32_t* base, int n) {
-  __syncthreads();  // counts written by any thread are visible to warp 0
-  if (threadIdx.x < kWarp) {
-    const int lane = threadIdx.x;
-    int32_t running = 0;
-#pragma unroll 1
-    for (int start = 0; start < n; start += kWarp) {
-      const int i = start + lane;
-      const int32_t v = i < n ? counts[i] : 0;
-      int32_t inclusive = v;
+__device__ __forceinline__ int32_t warp_inclusive_scan(int32_t v) {
+  const int lane = lane_id();
 #pragma unroll
-      for (int d = 1; d < kWarp; d <<= 1) {
-        const int32_t up = __shfl_up_sync(0xffffffffu, inclusive, d);
-        if (lane >= d) inclusive += up;
-      }
-      if (i < n) base[i] = running + inclusive - v;
-      running += __shfl_sync(0xffffffffu, inclusive, kWarp - 1);
-    }
-    if (lane == 0) base[n] = running;
+  for (int d = 1; d < kWarp; d <<= 1) {
+    const int32_t up = __shfl_up_sync(0xffffffffu, v, d);
+    if (lane >= d) v += up;
   }
-  __syncthreads();  // base visible to the block
+  return v;
+}
+
+template <typename Value>
+__device__ __forceinline__ void block_exclusive_scan(int n, int32_t* base, int32_t* totals, Value value) {
+  const int lane = lane_id(), warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  __syncthreads();  // whatever value() reads, written by any thread before the call, is visible
+  if (n <= 0 && threadIdx.x == 0) base[0] = 0;
+  int32_t carry = 0;  // the sum of the values of the rounds before
+#pragma unroll 1
+  for (int start = 0; start < n; start += blockDim.x) {
+    const int i = start + threadIdx.x;
+    const int32_t v = i < n ? value(i) : 0;
+    const int32_t inclusive = warp_inclusive_scan(v);
+    if (lane == kWarp - 1) totals[warp] = inclusive;
+    __syncthreads();  // every warp's total of this round is visible
+    const int32_t w = lane < warps ? totals[lane] : 0;
+    const int32_t w_inclusive = warp_inclusive_scan(w);
+    const int32_t before = __shfl_sync(0xffffffffu, w_inclusive - w, warp);  // the warps before this one
+    const int32_t round_total = __shfl_sync(0xffffffffu, w_inclusive, kWarp - 1);
+    if (i < n) base[i] = carry + before + inclusive - v;
+    carry += round_total;
+    if (threadIdx.x == 0 && start + static_cast<int>(blockDim.x) >= n) base[n] = carry;
+    __syncthreads();  // totals may be reused by the next round; after the last, base is visible to the block
+  }
+  if (n <= 0) __syncthreads();  // (no round: still a barrier, as promised)
 }
 
 // The index p with base[p] <= m < base[p + 1] (base non-decreasing, base[0] = 0 <= m < base[n]).
@@ -416,6 +460,24 @@ __device__ __forceinline__ uint32_t warp_claim(uint32_t* queue) {
   uint32_t item = 0;
   if (lane_id() == 0) item = atomicAdd(queue, 1u);  // relaxed: the claim orders no data
   return __shfl_sync(0xffffffffu, item, 0);
+}
+
+// Runs work(item) for every item this warp claims from `queue`, until the queue is empty (so a warp leaves only once
+// every item is owned). With no more items than warps in the grid (one item per warp, as a rule) the next claim is
+// issued before the current item's work and its round trip overlaps that work; with more items that would let
+// early warps hold two items while late ones get none, so each claim then follows the work.
+template <typename Work>
+__device__ __forceinline__ void for_each_claimed_item(uint32_t* queue, uint32_t items, Work work) {
+  const bool early = items <= static_cast<uint32_t>(num_global_warps());
+  uint32_t item = warp_claim(queue);
+#pragma unroll 1
+  while (item < items) {
+    // relaxed: the claim orders no data. (An increment: an add would be aggregated across the warp by ptxas, with
+    // its result read at once, and the round trip would no longer overlap the work.)
+    const uint32_t next = early && lane_id() == 0 ? atomic_increment_relaxed_gpu(queue) : 0u;
+    work(item);
+    item = early ? __shfl_sync(0xffffffffu, next, 0) : warp_claim(queue);
+  }
 }
 
 // Warp copy of n 16-byte words with kBatch loads in flight per lane before the first store. Loads at L2 (ld.cg, not
