@@ -217,6 +217,41 @@ def run(args) -> list[dict]:
         rows.append(row)
         print(f"  {case.model:12s} {method:40s} rows {row['valid_rows']:8.0f}  {t:9.1f} us  {t / floor_us:6.2f}x floor")
 
+    if args.suite == "variants":  # jax_ll_ep's configurations only, at the DeepSeek-V3 share
+        case = Case("deepseek-v3", rng, unroll=args.unroll)
+        e, _, f = case.wg.shape
+        h = (jax.random.normal(jax.random.key(1), (e, case.m, f), jnp.float32) * 0.1).astype(jnp.bfloat16)
+        record(case, "jax_ll_ep", ours_mlp(), case.padded_args())
+        for cfg in args.configs:
+            record(case, f"jax_ll_ep {_label(cfg)}", ours_mlp(cfg, cfg), case.padded_args())
+        for cfg in args.up_configs:
+            up = lambda x, c, wg, wu, wd, cfg=cfg: ep.swiglu(x, wg, wu, c, config=cfg)  # noqa: E731
+            record(case, f"jax_ll_ep swiglu kernel {_label(cfg)}", up, case.padded_args(), weights=(case.wg, case.wu))
+        for cfg in args.down_configs:
+            down = lambda x, c, wg, wu, wd, cfg=cfg: ep.grouped_matmul(h, wd, c, config=cfg)  # noqa: E731
+            record(case, f"jax_ll_ep down kernel {_label(cfg)}", down, case.padded_args(), weights=(case.wd,))
+        w8nk = tuple(
+            ep.Fp8Array(jnp.swapaxes(w.data, 1, 2), jnp.swapaxes(w.scale, 1, 2))
+            for w in (fp8_weights(w) for w in (case.wg, case.wu, case.wd))
+        )
+        x8 = fp8_rows(case.x)
+        for cfg in args.fp8_configs:
+            record(
+                case,
+                f"jax_ll_ep fp8 nk {_label(cfg)}",
+                ours_mlp(cfg, cfg, "nk"),
+                case.padded_args(x8, w8nk),
+                weights=w8nk,
+            )
+            record(
+                case,
+                f"jax_ll_ep bf16 x, fp8 w nk {_label(cfg)}",
+                ours_mlp(cfg, cfg, "nk"),
+                case.padded_args(None, w8nk),
+                weights=w8nk,
+            )
+        del case, w8nk, x8
+
     if args.suite in ("candidates", "all"):
         case = Case("deepseek-v3", rng, unroll=args.unroll)
         record(case, "einsum", einsum_mlp, case.padded_args())
@@ -319,7 +354,7 @@ def _label(cfg: GroupedMatmulConfig) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("candidates", "rows", "models", "all"), default="all")
+    parser.add_argument("--suite", choices=("candidates", "rows", "models", "all", "variants"), default="all")
     parser.add_argument("--unroll", type=int, default=4)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)

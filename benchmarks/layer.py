@@ -15,9 +15,11 @@ Methods, per rank, same inputs and weights:
 The floor of the layer is the expert weights read once at the device-copy bandwidth measured in the same run (for
 8 ranks: all ranks' weights, since they share one GPU's memory) plus the ``exchange`` time.
 
-Timing: wall clock over back-to-back calls of the jitted layer (each call several hundred µs to ms, so launch gaps
-are hidden by asynchronous dispatch), inputs rotated among several sets; the median over repetitions. Every rank
-runs the same sequence (the exchange keeps them in step); the table reports the slowest rank's median.
+Timing: one jitted program runs ``--layers`` layers one after the other (each layer's normalized output is the next
+one's input, as in a model's step), and ``--programs`` such programs are queued back to back before the host waits,
+so neither the host's per-call work nor clock ramps show; time per layer = wall time / (programs x layers), the
+median over ``--reps`` queues. Every rank runs the same sequence (the exchange keeps them in step); the table
+reports the slowest rank's median.
 
 Writes OUT_DIR/<card>-<date>-layer.{json,md,png}.
 """
@@ -64,7 +66,7 @@ def worker(rank: int, ranks: int, port: int, cfg: dict, out_path: Path) -> None:
     mesh = Mesh(np.array(sorted(jax.devices(), key=lambda d: d.process_index)), (AXIS,))
     H, F, E, K, T = (cfg[k] for k in ("hidden", "ffn", "experts", "topk", "tokens"))  # noqa: N806
     e_local, rows = E // ranks, ranks * T
-    sets, calls, reps = cfg["sets"], cfg["calls"], cfg["reps"]
+    sets, programs, reps = cfg["sets"], cfg["programs"], cfg["reps"]
     result = {"rank": rank, "ranks": ranks, "device": jax.devices()[0].device_kind, "runs": []}
 
     def on_ranks(fn, n_out):
@@ -156,7 +158,7 @@ def worker(rank: int, ranks: int, port: int, cfg: dict, out_path: Path) -> None:
         back = out[inv].reshape(T, K, H).astype(jnp.float32)
         return jnp.einsum("tk,tkh->th", w, back).astype(jnp.bfloat16)
 
-    def make_layer(buf, method, fp8, w_layout):
+    def make_layers(buf, method, fp8, w_layout):
         def layer(x, router, y_fix, wg, wu, wd, *bf16_weights):
             if method == "ragged":
                 return ragged_layer(x, router, *bf16_weights)
@@ -170,8 +172,14 @@ def worker(rank: int, ranks: int, port: int, cfg: dict, out_path: Path) -> None:
                 y = y_fix
             return ep.combine(buf, y, idx, w, handle)
 
+        def layers(x, *args):
+            for _ in range(cfg["layers"]):  # each layer's normalized output is the next one's input
+                out = layer(x, *args).astype(jnp.float32)
+                x = (out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + 1e-6)).astype(jnp.bfloat16)
+            return x
+
         spec = P(AXIS)
-        return jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=(spec,) * 9, out_specs=spec))
+        return jax.jit(jax.shard_map(layers, mesh=mesh, in_specs=(spec,) * 9, out_specs=spec))
 
     with ep.Buffer(mesh, AXIS, num_experts=E, max_tokens_per_rank=T, hidden=H, backend=cfg["backend"]) as buf:
         for variant in variants:
@@ -182,17 +190,17 @@ def worker(rank: int, ranks: int, port: int, cfg: dict, out_path: Path) -> None:
                     continue  # XLA collectives fail with several processes on one GPU; ragged_dot has no fp8 weights
                 entry = {"variant": variant, "method": method}
                 try:
-                    fn = make_layer(buf, method, fp8, w_layout)
+                    fn = make_layers(buf, method, fp8, w_layout)
                     args = (router_w, y_fixed, *ws, *weights)
-                    out = fn(xs[0], *args)
-                    out.block_until_ready()
+                    for s in range(sets):  # compile, then warm the clocks
+                        jax.block_until_ready(fn(xs[s], *args))
                     times = []
                     for _ in range(reps):
                         t0 = time.perf_counter()
-                        for c in range(calls):
-                            out = fn(xs[c % sets], *args)
-                        out.block_until_ready()
-                        times.append((time.perf_counter() - t0) / calls * 1e6)
+                        outs = [fn(xs[c % sets], *args) for c in range(programs)]
+                        jax.block_until_ready(outs)
+                        times.append((time.perf_counter() - t0) / (programs * cfg["layers"]) * 1e6)
+                        del outs
                     buf.check()
                     entry.update(us=statistics.median(times), us_all=times)
                     print(f"rank {rank}: {variant} {method}: {entry['us']:.1f} us", flush=True)
@@ -208,16 +216,19 @@ def worker(rank: int, ranks: int, port: int, cfg: dict, out_path: Path) -> None:
 
 
 def copy_bandwidth(jax, jnp) -> float:
-    """Device copy bandwidth in bytes/s (read + write counted): 8 copies of 256 MiB in one program."""
-    arrays = [jnp.full((64 * 1024 * 1024,), i, jnp.float32) for i in range(8)]
+    """Device copy bandwidth in bytes/s (read + write counted): copies of 1 GiB of float32 queued back to back."""
+    arrays = [jnp.full((256 * 1024 * 1024,), i, jnp.float32) for i in range(2)]
     f = jax.jit(lambda xs: [a + 1 for a in xs])
-    jax.block_until_ready(f(arrays))
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
+    for _ in range(3):
         jax.block_until_ready(f(arrays))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        outs = [f(arrays) for _ in range(10)]
+        jax.block_until_ready(outs)
         times.append(time.perf_counter() - t0)
-    return 2 * sum(a.nbytes for a in arrays) / statistics.median(times)
+        del outs
+    return 2 * sum(a.nbytes for a in arrays) * 10 / statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,20 +377,34 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--sets", type=int, default=4)
-    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=8, help="layers one after the other in one program")
+    parser.add_argument("--programs", type=int, default=5, help="programs queued before the host waits")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=400.0, help="seconds for one rank count's processes")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     parser.add_argument("--work-dir", default="")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
-    keys = ("variants", "methods", "backend", "sets", "calls", "reps", "hidden", "ffn", "experts", "topk", "tokens")
+    keys = (
+        "variants",
+        "methods",
+        "backend",
+        "sets",
+        "layers",
+        "programs",
+        "reps",
+        "hidden",
+        "ffn",
+        "experts",
+        "topk",
+        "tokens",
+    )
     cfg = {k: getattr(args, k) for k in keys}
     work_root = Path(args.work_dir or (ROOT / "build" / "layer-bench"))
     all_results = {r: run_ranks(r, cfg, work_root / f"ranks{r}", args.timeout) for r in args.ranks}
     rows, meta = summarize(all_results)
     device = next((res[0].get("device") for res in all_results.values() if res and res[0].get("device")), "unknown")
-    meta.update(device=device, date=datetime.date.today().isoformat(), **{k: cfg[k] for k in keys[6:]})
+    meta.update(device=device, date=datetime.date.today().isoformat(), **{k: cfg[k] for k in keys[7:]})
     meta["copy_GBps"] = meta["copy_GBps"] or 0.0
     stem = f"{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}-{meta['date']}-layer{args.label}"
     out_dir = Path(args.out_dir)
