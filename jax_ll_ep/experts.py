@@ -114,21 +114,22 @@ def _largest_pow2_divisor(value: int, cap: int) -> int:
 
 
 def default_config(e: int, m: int, k: int, n: int, *, x_fp8: bool, w_fp8: bool) -> GroupedMatmulConfig:
-    """The tiles used where ``config`` leaves a field unset (chosen by measurement on an H200; see
-    docs/performance.md, "Grouped matmul"): 64 rows, the widest column block up to 128 that still gives every
-    multiprocessor two programs, a 64-deep contraction step (128 when both operands are fp8), 4 warps, 4 stages."""
+    """The tiles used where ``config`` leaves a field unset, chosen by measurement on an H200 (docs/performance.md,
+    "Grouped matmul"): 64 rows, the widest column block up to 128 that still gives every multiprocessor two
+    programs, a 64-deep contraction step, 4 warps, 4 stages; with both operands fp8, 32 rows on the tensor cores'
+    narrow side (``swap_ab``), fp8 products and a 128-deep step (one scale per step)."""
     block_n = _largest_pow2_divisor(n, 128)
     while block_n > 32 and e * (n // block_n) < _TARGET_PROGRAMS and n % (block_n // 2) == 0:
         block_n //= 2
-    block_k = SCALE_BLOCK if x_fp8 and w_fp8 else _largest_pow2_divisor(k, 64)
+    both_fp8 = x_fp8 and w_fp8
     return GroupedMatmulConfig(
-        block_m=min(64, max(16, pl.next_power_of_2(m))),
+        block_m=min(32 if both_fp8 else 64, max(16, pl.next_power_of_2(m))),
         block_n=block_n,
-        block_k=block_k,
+        block_k=SCALE_BLOCK if both_fp8 else _largest_pow2_divisor(k, 64),
         row_programs=1,
         num_warps=4,
         num_stages=4,
-        swap_ab=False,
+        swap_ab=both_fp8,
         fp8_mma=True,
     )
 
