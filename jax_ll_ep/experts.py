@@ -271,7 +271,7 @@ def _gmm_kernel(counts_ref, *refs, spec: _Spec, cfg: GroupedMatmulConfig, k_size
     (o_ref,) = refs
     bm, bn, bk, step = cfg.block_m, cfg.block_n, cfg.block_k, cfg.row_programs
     g, j, e = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    count = counts_ref[e]
+    count = jnp.clip(counts_ref[e], 0, o_ref.shape[1])  # a count outside [0, M] never reaches past the layout
     n0 = pl.multiple_of(j * bn, bn)
     row_blocks = jnp.maximum(pl.cdiv(pl.cdiv(count, bm) - g, step), 0)
 
@@ -366,7 +366,7 @@ def _launch_gmm(spec: _Spec, config, interpret: bool, counts, x, xs, ws_list):
 def _wgrad_kernel(counts_ref, a_ref, b_ref, out_ref, *, bm: int, bp: int, bq: int):
     """out[e][p-block, q-block] = sum over the valid rows m of a[e, m, p-block]^T b[e, m, q-block]."""
     pt, qt, e = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    count = counts_ref[e]
+    count = jnp.clip(counts_ref[e], 0, a_ref.shape[1])  # a count outside [0, M] never reaches past the layout
     p0 = pl.multiple_of(pt * bp, bp)
     q0 = pl.multiple_of(qt * bq, bq)
 
@@ -555,7 +555,8 @@ def grouped_matmul(
       w: ``[E_l, K, N]`` (``w_layout="kn"``) or ``[E_l, N, K]`` (``"nk"``) bfloat16, or an ``Fp8Array`` of
         float8_e4m3fn data in that layout with one scale per 128x128 block (``[E_l, K/128, N/128]``, or
         ``[E_l, N/128, K/128]`` for ``"nk"``; float32 or float8_e8m0fnu).
-      counts: ``[E_l]`` int32, the valid rows of each expert (dispatch's ``recv_count``), each in ``[0, M]``.
+      counts: ``[E_l]`` int32, the valid rows of each expert (dispatch's ``recv_count``), each in ``[0, M]``
+        (a value outside is clamped to it: nothing past the layout is ever read or written).
       out_dtype: ``bfloat16`` (default) or ``float32``.
       w_layout: ``"kn"`` or ``"nk"`` (see ``w``); fp8 weights are fastest as ``"nk"``.
       implementation: ``"auto"`` (the kernel on GPUs, the masked-einsum reference elsewhere), ``"pallas"`` (the

@@ -97,6 +97,16 @@ def test_swiglu_mlp_matches_numpy(impl, x_fmt, w_fp8, w_layout):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_counts_outside_the_layout_are_clamped(impl):
+    rng = np.random.default_rng(9)
+    e, m, k, n = 3, 20, 128, 64
+    x = jnp.asarray(ref.random_rows(rng, e, m, k, np.full(e, m, np.int32)))
+    w = ref.random_weights(rng, e, k, n, fp8=False, w_layout="kn")
+    out = ep.grouped_matmul(x, w, jnp.asarray([-5, m + 7, 2**30], jnp.int32), implementation=impl)
+    check_rows(out, ref.grouped_matmul(x, w, np.array([0, m, m])), np.array([0, m, m]), tol=1e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_tiles_and_row_programs_do_not_change_results(impl):
     rng = np.random.default_rng(3)
     e, m, k, n = 3, 100, 256, 128
