@@ -9,7 +9,8 @@
 #    driving every visible GPU (the peer-access transport),
 # 5. stops MPS and runs compute-sanitizer (memcheck, racecheck) on a small 2-rank case,
 # 6. prints a summary. Logs and results go to OUT_DIR (default build/gpu-suite).
-# JAX_LL_EP_GPU_RANKS (default 1,2,4,8) picks the rank counts; JAX_LL_EP_GPU_SANITIZER=0 skips step 5.
+# JAX_LL_EP_GPU_RANKS (default 1,2,4,8) picks the rank counts; JAX_LL_EP_GPU_SANITIZER=0 skips step 5, and
+# JAX_LL_EP_GPU_SANITIZER_TOOLS (default "memcheck racecheck") picks its tools.
 # Python: $PYTHON (default python3) with jax[cuda13], nvidia-nvshmem-cu13, cuda-core and pytest installed.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -79,7 +80,7 @@ EOF
 stop_mps
 
 # 5. compute-sanitizer on a small 2-rank case (without MPS: the tools instrument each process on its own)
-[ "${JAX_LL_EP_GPU_SANITIZER:-1}" = 0 ] && tools="" || tools="memcheck racecheck"
+[ "${JAX_LL_EP_GPU_SANITIZER:-1}" = 0 ] && tools="" || tools="${JAX_LL_EP_GPU_SANITIZER_TOOLS:-memcheck racecheck}"
 for tool in $tools; do
   dir="$out/sanitizer-$tool"
   "$py" - "$dir" "$tool" <<'EOF' >>"$out/sanitizer.log" 2>&1

@@ -40,13 +40,10 @@ def check_rows(got, want_per_expert, counts, tol):
     "x_fmt,w_fp8,w_layout,shape",
     [
         ("bf16", False, "kn", (4, 40, 256, 128)),
-        ("bf16", False, "nk", (3, 200, 512, 256)),
-        ("bf16", False, "kn", (1, 1, 128, 128)),
-        ("bf16", True, "nk", (4, 40, 256, 128)),
-        ("float", False, "kn", (4, 40, 256, 128)),
+        ("bf16", False, "nk", (1, 1, 128, 128)),
         ("float", True, "kn", (3, 200, 512, 256)),
-        ("pow2", True, "nk", (1, 1, 128, 128)),
         ("ue8m0", True, "nk", (4, 40, 256, 128)),
+        ("pow2", False, "kn", (4, 40, 256, 128)),
     ],
 )
 def test_kernel_matches_numpy(x_fmt, w_fp8, w_layout, shape):
