@@ -187,8 +187,8 @@ def clear_test_hooks(buf) -> None:
 def test_stamps(buf) -> np.ndarray:
     """[G, R, 2, 3] int64 steady-clock nanoseconds (CLOCK_MONOTONIC: comparable across the processes of a host) of
     each local rank's most recent dispatch ([..., 0, :]) and combine ([..., 1, :]) since the hooks were installed:
-    (entered, signalled, returned); 0 where nothing was recorded (non-local ranks, or no call yet). Needs hooks
-    installed (``set_test_delays``, possibly with no delays)."""
+    (entered, signalling: about to store its first signal, returned); 0 where nothing was recorded (non-local
+    ranks, or no call yet). Needs hooks installed (``set_test_delays``, possibly with no delays)."""
     impl = _impl_of(buf)
     return np.asarray(impl._mod.test_stamps(impl._handle, impl._num_groups, impl._num_ranks), dtype=np.int64)
 

@@ -25,7 +25,7 @@ import jax_ll_ep as ep
 from jax_ll_ep import _cpu_backend, _native_common, testing
 
 BF16 = ml_dtypes.bfloat16
-ENTER, SIGNALLED, RETURNED = range(3)  # test_stamps columns
+ENTER, SIGNALLING, RETURNED = range(3)  # test_stamps columns
 DISPATCH, COMBINE = 0, 1
 
 
@@ -324,7 +324,12 @@ def delay_buffer():
 @pytest.mark.parametrize("point", _cpu_backend.HOOK_POINTS)
 def test_every_rank_slow_at_every_point(delay_buffer, point):
     """Rank `slow` is delayed 30-60 ms at `point` (the others by 0-3 ms at every point), for every rank in turn. The
-    results stay exact, and no rank's dispatch or combine returns before the slow rank's signals were stored."""
+    results stay exact, and no rank's dispatch or combine returns before the slow rank began storing its signals.
+
+    The bound is the slow rank's stamp taken just before its first signal store: every peer needs the signal the slow
+    rank addresses to it, and that store comes after the stamp. (A stamp taken after the last store bounds nothing:
+    a peer may return as soon as its own signal is out, while the slow rank is still storing the others' or has
+    lost its core; that made this test fail on a busy machine while the protocol was right.)"""
     buf, case = delay_buffer, DELAY
     jitter = {(r, p): (0.0, 0.003) for r in range(case.num_ranks) for p in _cpu_backend.HOOK_POINTS}
     for slow in range(case.num_ranks):
@@ -334,7 +339,7 @@ def test_every_rank_slow_at_every_point(delay_buffer, point):
         try:
             xs, topks, weights = ref._inputs(case, seed=200 + slow, drop_prob=0.2)
             _check_roundtrip(buf, case, xs, topks, weights)
-            stamps = _cpu_backend.test_stamps(buf)[0]  # [R, kind, (enter, signalled, returned)]
+            stamps = _cpu_backend.test_stamps(buf)[0]  # [R, kind, (enter, signalling, returned)]
         finally:
             _cpu_backend.clear_test_hooks(buf)
         for kind in (DISPATCH, COMBINE):
@@ -343,9 +348,9 @@ def test_every_rank_slow_at_every_point(delay_buffer, point):
             if point == "before_recv":
                 assert s[slow, RETURNED] - s[slow, ENTER] >= 0.03e9
                 continue
-            assert s[slow, SIGNALLED] - s[slow, ENTER] >= 0.03e9, "the delay did not happen"
-            early = [r for r in range(case.num_ranks) if s[r, RETURNED] < s[slow, SIGNALLED]]
-            assert not early, f"ranks {early} returned before slow rank {slow}'s signals were out ({point})"
+            assert s[slow, SIGNALLING] - s[slow, ENTER] >= 0.03e9, "the delay did not happen"
+            early = [r for r in range(case.num_ranks) if s[r, RETURNED] < s[slow, SIGNALLING]]
+            assert not early, f"ranks {early} returned before slow rank {slow} began storing its signals ({point})"
 
 
 def test_random_delays_everywhere(delay_buffer):

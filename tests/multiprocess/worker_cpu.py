@@ -193,7 +193,7 @@ def scenario_exact(ctx: Ctx):
         check_roundtrip(buf, xs, topks, weights, split=True, where="split")
         log("exact: round trips ok")
 
-        # A slow rank (first, then last) at the sending points: nobody returns before its signals are out.
+        # A slow rank (first, then last) at the sending points: nobody returns before it began storing its signals.
         for slow in (0, n - 1):
             for point in ("before_send", "before_signal"):
                 _cpu_backend.set_test_delays(buf, {(slow, point): (0.1, 0.15)}, seed=slow)
@@ -201,14 +201,14 @@ def scenario_exact(ctx: Ctx):
                 check_roundtrip(buf, xs, topks, weights, where=f"slow {slow} {point}")
                 stamps = np.max(
                     np.array(ctx.gather(f"stamps/{slow}/{point}", _cpu_backend.test_stamps(buf).tolist())), axis=0
-                )[0]  # [R, kind, (enter, signalled, returned)]
+                )[0]  # [R, kind, (enter, signalling, returned)]
                 _cpu_backend.clear_test_hooks(buf)
                 for kind in (0, 1):
                     s = stamps[:, kind]
                     assert np.all(s > 0), s
                     assert s[slow, 1] - s[slow, 0] >= 0.1e9, "the delay did not happen"
                     early = [r for r in range(n) if s[r, 2] < s[slow, 1]]
-                    assert not early, f"ranks {early} returned before slow rank {slow}'s signals ({point}, {kind})"
+                    assert not early, f"ranks {early} returned before slow rank {slow} signalled ({point}, {kind})"
         log("exact: slow ranks ok")
 
         # 500 back-to-back calls inside lax.scan: 250 x (dispatch, combine), fresh data every step.

@@ -443,6 +443,7 @@ Status dispatch_send(const Call& call, const GroupArgs& g, const DispatchArgs& a
     }
   }
   call.pause(HookPoint::kBeforeSignal, seq);
+  call.stamp(Stamp::kSignalling);
 
   // Signals: every (destination rank, local expert) pair, zero-token pairs included (completeness).
   for (int32_t dst = 0; dst < layout.num_ranks; ++dst) {
@@ -452,7 +453,6 @@ Status dispatch_send(const Call& call, const GroupArgs& g, const DispatchArgs& a
                     encode_signal(seq, OpKind::kDispatch, static_cast<uint32_t>(sent[dst * e_local + e])));
     }
   }
-  call.stamp(Stamp::kSignalled);
   if (fault.any()) call.fail(seq, fault);  // recorded now; the receive half reports it once the call completed
   call.open_call(seq, fault);
   return {};
@@ -559,6 +559,7 @@ Status combine_send(const Call& call, const GroupArgs& g, const CombineArgs& a) 
     }
   }
   call.pause(HookPoint::kBeforeSignal, seq);
+  call.stamp(Stamp::kSignalling);
 
   // Signals: every (source rank, local expert) pair, zero-row pairs included (completeness).
   for (int32_t r = 0; r < num_ranks; ++r) {
@@ -568,7 +569,6 @@ Status combine_send(const Call& call, const GroupArgs& g, const CombineArgs& a) 
                     encode_signal(seq, OpKind::kCombine, static_cast<uint32_t>(sent[layout.pair_index(e, r)])));
     }
   }
-  call.stamp(Stamp::kSignalled);
   if (fault.any()) call.fail(seq, fault);  // recorded now; the receive half reports it
   call.open_call(seq, fault);
   return {};

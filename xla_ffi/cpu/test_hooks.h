@@ -24,9 +24,11 @@ inline constexpr int kNumHookPoints = 3;
 // Timestamps of a rank's most recent dispatch and most recent combine (steady clock, nanoseconds; comparable across
 // the processes of one host).
 enum class Stamp : int32_t {
-  kEnter = 0,      // the call started
-  kSignalled = 1,  // the send half stored its last signal
-  kReturned = 2,   // the receive half finished writing its outputs
+  kEnter = 0,       // the call started
+  kSignalling = 1,  // the send half is about to store its first signal: every signal of the call is stored later,
+                    // so no peer can complete the call before this time (a stamp taken after the stores would not
+                    // bound anything: a peer may finish as soon as its own signal is out)
+  kReturned = 2,    // the receive half finished writing its outputs
 };
 inline constexpr int kNumStamps = 3;
 

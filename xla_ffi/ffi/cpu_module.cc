@@ -141,14 +141,14 @@ NB_MODULE(_jax_ll_ep_cpu, m) {
       [](int64_t handle, int32_t num_groups, int32_t num_ranks) {
         auto hooks = Registry::instance().resolve(handle).hooks;
         if (!hooks) throw nb::value_error("no test hooks installed on this buffer");
-        nb::list out;  // [group][rank][kind: dispatch, combine] -> (enter, signalled, returned), steady-clock ns
+        nb::list out;  // [group][rank][kind: dispatch, combine] -> (enter, signalling, returned), steady-clock ns
         for (int32_t g = 0; g < num_groups; ++g) {
           nb::list ranks;
           for (int32_t r = 0; r < num_ranks; ++r) {
             nb::list kinds;
             for (int32_t kind = 0; kind < 2; ++kind) {
               kinds.append(nb::make_tuple(hooks->stamp_ns(g, r, kind, Stamp::kEnter),
-                                          hooks->stamp_ns(g, r, kind, Stamp::kSignalled),
+                                          hooks->stamp_ns(g, r, kind, Stamp::kSignalling),
                                           hooks->stamp_ns(g, r, kind, Stamp::kReturned)));
             }
             ranks.append(kinds);
