@@ -1,4 +1,4 @@
-"""Every trace-time constraint of DESIGN.md section 3 raises a clear exception that names the argument, the bad
+"""Every trace-time constraint of the ops (jax_ll_ep/ops.py) raises a clear exception that names the argument, the bad
 value and what is allowed. Nothing here compiles or runs: the errors come while tracing."""
 
 from __future__ import annotations
@@ -245,6 +245,16 @@ def test_split_forms_need_a_native_backend(buf):
         _trace(buf, lambda a, b: ep.dispatch_send(buf, a, b).ticket, ((T, H), BF16), ((T, K), np.int32))
 
 
+def test_cuda_options_argument(mesh8):
+    with pytest.raises(TypeError, match=r"cuda must be None or jax_ll_ep.CudaOptions, got 'peer'"):
+        ep.Buffer(mesh8, "ep", num_experts=E, max_tokens_per_rank=T, hidden=H, backend="xla", cuda="peer")
+    # Other backends ignore the cuda options (so that backend="auto" code carries them everywhere).
+    with ep.Buffer(
+        mesh8, "ep", num_experts=E, max_tokens_per_rank=T, hidden=H, backend="xla", cuda=ep.CudaOptions(trace=True)
+    ) as b:
+        assert b.backend.name == "xla"
+
+
 def test_xla_backend_reports_routing_errors_at_check(make_mesh):
     mesh = make_mesh((4,), ("ep",))
     r, e, t, h = 4, 8, 3, 16
@@ -263,6 +273,7 @@ def test_xla_backend_reports_routing_errors_at_check(make_mesh):
         # its expert 7 (rank 3's) still arrived.
         assert counts.reshape(r, e // r)[0].tolist() == [r * t - 1, r * t - 1]
         assert counts.reshape(r, e // r)[3].tolist() == [0, 1]
-        with pytest.raises(ep.RoutingError, match="expert id 42, outside"):
+        # (token 5 of the global array is rank 1's token 2)
+        with pytest.raises(ep.RoutingError, match=r"rank 1 of group 0, dispatch call: topk_idx\[2, 1\] = 42 is out"):
             buf.check()
         buf.check()  # cleared
