@@ -12,6 +12,12 @@ rank, then source token) and moves the payload there with one gather. Combine bu
 gathers the expert outputs back into [R, n, K] slots, sends them home with one ``all_to_all`` and reduces them in
 float32 in k order.
 
+The split forms cut each op where the native backends do: the send half is the exchange (``all_to_all``), the
+receive half builds the layout (dispatch) or reduces (combine). The exchanged rows travel in the pending value, so
+a receive is ordered after its send by data flow. The buffer holds no memory, so nothing can be overwritten between
+the halves; the rule of the native backends (each send followed by its receive before the next send on the buffer)
+costs nothing here and keeps the same program correct on every backend.
+
 Data moves only by gathers (whose transpose is a scatter-add), so ``jax.grad`` through bf16 dispatch and through
 combine is plain JAX autodiff. FP8 dispatch is forward-only and raises if differentiated.
 
@@ -173,6 +179,7 @@ def _forward_only(fn):
 
 
 _dispatch_fp8 = _forward_only(_dispatch)
+_dispatch_exchange_fp8 = _forward_only(_dispatch_exchange)
 
 
 def dispatch(config: BufferConfig, x: jax.Array, topk_idx: jax.Array, *, fp8: Fp8Options | None):
@@ -308,20 +315,16 @@ class XlaBackend:
         return combine(self.config, y, topk_idx, topk_weights, handle)
 
     def dispatch_send(self, x, topk_idx, fp8: Fp8Options | None) -> DispatchPending:
-        raise _split_unsupported("dispatch_send")
+        self._report(topk_idx)
+        exchange = _dispatch_exchange if fp8 is None else _dispatch_exchange_fp8
+        return DispatchPending(exchange(self.config, fp8, x, topk_idx), fp8)
 
     def dispatch_recv(self, pending: DispatchPending):
-        raise _split_unsupported("dispatch_recv")
+        recv_expert, received = pending.ticket
+        return _dispatch_layout(self.config, pending.fp8, recv_expert, received)
 
     def combine_send(self, y, topk_idx, topk_weights, handle: DispatchHandle) -> CombinePending:
-        raise _split_unsupported("combine_send")
+        return CombinePending(_combine_exchange(self.config, y, topk_idx, handle), topk_idx, topk_weights)
 
     def combine_recv(self, pending: CombinePending):
-        raise _split_unsupported("combine_recv")
-
-
-def _split_unsupported(op: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"{op}: the split send/recv forms need the 'cpu' or 'cuda' backend; the 'xla' backend (all_to_all) has "
-        f"no separate halves. Use dispatch/combine, or a native backend."
-    )
+        return _combine_reduce(self.config, pending.ticket, pending.topk_idx, pending.topk_weights)
