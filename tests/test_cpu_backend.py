@@ -11,6 +11,7 @@ the same checks are in tests/multiprocess/.
 from __future__ import annotations
 
 import functools
+import re
 import time
 
 import jax
@@ -240,12 +241,17 @@ def test_routing_errors_complete_the_call_then_raise():
         topks[2][1, 1] = case.num_experts + 5  # out of range
         topks[5][3] = [7, 7]  # repeated expert
         # (XLA raises one failing device's error: either rank's)
-        with pytest.raises(jax.errors.JaxRuntimeError, match=r"topk_idx\[(1, 1\] = 21 is outside|3, 1\] = 7 repeats)"):
+        with pytest.raises(
+            jax.errors.JaxRuntimeError, match=r"topk_idx\[(1, 1\] = 21 is outside|3, 1\] = 7 repeats)"
+        ) as run:
             jax.block_until_ready(testing.run_dispatch(buf, xs, topks))
         with pytest.raises(ep.RoutingError) as info:
             buf.check()
         message = str(info.value)
         assert "rank 2 of group 0" in message and "rank 5 of group 0" in message and "repeats" in message
+        # One wording (xla_ffi/include/jax_ll_ep/errors.h): the failed call said what check() says of that rank.
+        said = re.search(r"(rank \d of group 0, dispatch call seq=1: topk_idx.*?treated as -1)", str(run.value))
+        assert said is not None and said.group(1) in message, (str(run.value), message)
         buf.check()  # cleared
         # Every rank completed call 1 (no one is left waiting, nothing was written out of bounds): call 2 and 3 on
         # the same buffer are exact. A combine with a bad id also completes first, then raises.
