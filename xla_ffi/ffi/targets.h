@@ -3,7 +3,7 @@
 // both extension modules hand to Python (jax_ll_ep/_extension.py registers it for "cpu" or "CUDA").
 //
 // A platform (ffi/cpu_handlers.cc, ffi/cuda_handlers.cc) supplies only what differs between them, as a struct P:
-//   Context                       its execution context (decoded from XLA's; see the CtxDecoding specializations)
+//   Context                       its execution context: a PlatformContext of the members its calls need
 //   kCommandBufferCompatible      whether XLA may capture its calls into command buffers (CUDA graphs)
 //   Bound                         one call's buffer, with layout(); what bind() found for the handle
 //   bind(ctx, buffer_id, op)      -> ffi::ErrorOr<Bound>
@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include <array>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
