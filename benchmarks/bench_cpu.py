@@ -28,7 +28,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np  # noqa: E402
 
 import jax_ll_ep as ep  # noqa: E402
-from jax_ll_ep import _cpu_backend, testing  # noqa: E402
+from jax_ll_ep import testing  # noqa: E402
+from jax_ll_ep.testing import cpu_hooks  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,16 +47,16 @@ def _time_calls(fn, args, reps: int, warmup: int = 5) -> list[float]:
 
 def _protocol_times(buf, fn, args, reps: int, kind: int) -> list[float]:
     """Per call: last rank's return minus first rank's entry, from the native stamps (cpu backend only)."""
-    _cpu_backend.set_test_delays(buf, {}, seed=0)  # stamps only, no delays
+    cpu_hooks.set_test_delays(buf, {}, seed=0)  # stamps only, no delays
     try:
         out = []
         for _ in range(reps):
             jax.block_until_ready(fn(*args))
-            s = _cpu_backend.test_stamps(buf)[0, :, kind]  # [R, (enter, signalled, returned)]
+            s = cpu_hooks.test_stamps(buf)[0, :, kind]  # [R, (enter, signalled, returned)]
             out.append((s[:, 2].max() - s[:, 0].min()) * 1e-9)
         return out
     finally:
-        _cpu_backend.clear_test_hooks(buf)
+        cpu_hooks.clear_test_hooks(buf)
 
 
 def bench(backend: str, ranks: int, tokens: int, hidden: int, topk: int, experts: int, reps: int) -> dict:
@@ -65,12 +66,12 @@ def bench(backend: str, ranks: int, tokens: int, hidden: int, topk: int, experts
         xs = [testing.random_tokens(rng, tokens, hidden) for _ in range(ranks)]
         topks = [testing.random_routing(rng, tokens, topk, experts) for _ in range(ranks)]
         weights = [testing.random_weights(rng, t) for t in topks]
-        dispatch_fn = testing._dispatch_fn(buf, None)
+        dispatch_fn = testing.dispatch_fn(buf, None)
         dargs = [testing.shard_per_device(buf, a) for a in (xs, topks)]
         disp = dispatch_fn(*dargs)
         cargs = [disp["recv_x"], dargs[1], testing.shard_per_device(buf, weights)]
         cargs += [disp[k] for k in ("src_info", "layout_range", "src_topk_pos")]
-        combine_fn = testing._combine_fn(buf)
+        combine_fn = testing.combine_fn(buf)
         result = {
             "backend": backend,
             "tokens_per_rank": tokens,

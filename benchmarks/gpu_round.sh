@@ -29,7 +29,7 @@ if ! "$py" -c "import nvshmem.core" 2>/dev/null; then
     || { echo "FAIL: nvshmem4py is not installed and .whl/ has no usable wheel"; exit 1; }
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$py" -c "import jax_ll_ep._cuda_backend as c; c._load_module(); assert c.available()" \
+"$py" -c "import jax_ll_ep._extension as e; assert e.cuda_available(); e.cuda_module()" \
   || { echo "FAIL: the CUDA module does not load (build it here first: scripts/dev.sh build)"; exit 1; }
 echo "card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
 echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (modified)')"

@@ -48,8 +48,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax_ll_ep as ep  # noqa: E402
-from jax_ll_ep import _cuda_backend, _ffi  # noqa: E402
-from jax_ll_ep._native_ops import aval  # noqa: E402
+from jax_ll_ep import _extension  # noqa: E402
+from jax_ll_ep._jax_internals import aval, native_call  # noqa: E402
 
 AXIS = "ep"
 STAMP_ORDER_ID = 1 << 40  # effect id of the stamps around XLA-only baselines (no buffer of ours is involved)
@@ -79,7 +79,7 @@ def stamp(dep: jax.Array, like: jax.Array, order_id: int) -> jax.Array:
     """int32[2] (low, high words of %globaltimer in ns), taken when the stream reaches this point."""
     if DRY_RUN:
         return (like.reshape(-1)[:2] * 0).astype(jnp.int32) + dep
-    (s,) = _ffi.native_call("jax_ll_ep_timestamp", [dep], [aval(like, (2,), jnp.int32)], buffer_id=order_id)
+    (s,) = native_call("jax_ll_ep_timestamp", [dep], [aval(like, (2,), jnp.int32)], buffer_id=order_id)
     return s
 
 
@@ -404,8 +404,8 @@ def phase_trace(buf, stamps_ns: np.ndarray, warmup_calls: int) -> dict:
     """With JAX_LL_EP_TRACE=1: where the time of each op of the last execution went (median us per phase). The
     kernels' rows (xla_ffi/cuda/launch.h) give block 0's phase boundaries and the last block's exit; the stamps
     around the op give the launch gap before entry and the gap after exit."""
-    rows, marks = _cuda_backend._module.trace_shape()
-    raw, last_seq = buf._impl.trace()
+    rows, marks = _extension.cuda_module().trace_shape()
+    raw, last_seq = buf.backend.trace()
     trace = np.frombuffer(raw, np.uint64).reshape(rows, marks).astype(np.int64)
     ops = len(stamps_ns) - 1
     out: dict = {}
@@ -502,12 +502,12 @@ def run_loop(m: Mesh, name: str, t_max: int, hidden: int, topk: int, experts: in
 def main() -> None:
     m = mesh()
     if not DRY_RUN:
-        _cuda_backend._load_module()  # registers jax_ll_ep_timestamp (and the ops) for CUDA
+        _extension.cuda_module()  # registers jax_ll_ep_timestamp (and the ops) for CUDA
     result = {
         "rank": RANK,
         "ranks": NRANKS,
         "device": jax.devices()[0].device_kind,
-        "multiprocessors_reported": None if DRY_RUN else int(_cuda_backend._module.multiprocessor_count(0)),
+        "multiprocessors_reported": None if DRY_RUN else int(_extension.cuda_module().multiprocessor_count(0)),
         "mps_active_thread_percentage": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
         "jax": jax.__version__,
         "runs": [],

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import jax_ll_ep as ep  # noqa: E402
 from jax_ll_ep.experts import GroupedMatmulConfig, weights_nbytes  # noqa: E402
-from jax_ll_ep.reference import quantize_fp8  # noqa: E402
+from jax_ll_ep.fp8 import quantize_fp8  # noqa: E402
 
 MODELS = {  # name: (local experts, hidden, ffn width, top-k, total experts)
     "deepseek-v3": (32, 7168, 2048, 8, 256),

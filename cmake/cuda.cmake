@@ -4,7 +4,7 @@
 # found; OFF skips it. NVSHMEM comes from the nvidia-nvshmem-cu13 wheel (scripts/dev.sh passes -DNVSHMEM_DIR; under
 # `pip install .` it is found through the build environment's `nvidia.nvshmem` package).
 #
-# Build recipe (shared/reference/jax-ffi-nvshmem-facts.md section 6):
+# Build recipe (why each step: docs/cuda.md):
 #   - device code for sm_90a only, separable compilation, device-linked against libnvshmem_device.a inside a static
 #     library (CUDA_RESOLVE_DEVICE_SYMBOLS), so the nanobind module itself is plain C++;
 #   - libnvshmem_host.so.3 linked by file name and found at run time through the wheel's lib/ (rpath), or through
@@ -44,7 +44,10 @@ enable_language(CUDA)
 message(STATUS "jax_ll_ep: building the CUDA module (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, NVSHMEM ${NVSHMEM_DIR})")
 
 file(GLOB JAX_LL_EP_CUDA_KERNEL_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/xla_ffi/cuda/*.cu")
-file(GLOB JAX_LL_EP_CUDA_GLUE_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/xla_ffi/ffi/cuda_*.cc")
+# Host code: the registry and host resources (xla_ffi/cuda/*.cc), the FFI handlers and the nanobind module.
+file(GLOB JAX_LL_EP_CUDA_GLUE_SOURCES CONFIGURE_DEPENDS
+  "${CMAKE_CURRENT_SOURCE_DIR}/xla_ffi/cuda/*.cc"
+  "${CMAKE_CURRENT_SOURCE_DIR}/xla_ffi/ffi/cuda_*.cc")
 
 # Kernels, launchers and NVSHMEM device-state init, device-linked here.
 add_library(jax_ll_ep_cuda_kernels STATIC ${JAX_LL_EP_CUDA_KERNEL_SOURCES})

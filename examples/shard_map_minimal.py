@@ -33,5 +33,5 @@ x, topk_idx, topk_weights = (jax.device_put(a, NamedSharding(mesh, P("ep"))) for
 
 out = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))(x, topk_idx, topk_weights)
 # Identity experts and weights summing to 1 give back x (1/2 + 1/2 is exact).
-print(buf.backend, "round trip exact:", bool(jnp.all(out == x)))
+print(buf.backend.name, "round trip exact:", bool(jnp.all(out == x)))
 buf.close()

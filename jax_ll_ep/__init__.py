@@ -1,12 +1,12 @@
 """jax_ll_ep: low-latency expert-parallel (MoE) dispatch and combine for JAX.
 
-Importing registers the native FFI targets that are built (the CPU module always; the CUDA module only once a
-``cuda`` buffer is created) and does nothing else.
+Importing loads the CPU extension module and registers its FFI targets (the CUDA module is loaded, and its targets
+registered, by the first ``cuda`` buffer) and does nothing else.
 """
 
-from . import _native as _native  # registers the CPU targets
+from . import _extension as _extension  # registers the CPU targets
 from .buffers import Buffer
-from .config import Fp8Options
+from .config import CudaOptions, Fp8Options
 from .errors import (
     BufferClosedError,
     JaxLlEpError,
@@ -31,6 +31,7 @@ __all__ = [
     "Buffer",
     "BufferClosedError",
     "CombinePending",
+    "CudaOptions",
     "DispatchHandle",
     "DispatchPending",
     "Fp8Array",

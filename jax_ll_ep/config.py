@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from typing import Literal
 
-MAX_TOPK = 32  # mirrors kMaxTopk in xla_ffi/include/jax_ll_ep/layout.h
-SCALE_BLOCK = 128  # channels per fp8 scale; mirrors kScaleBlock
-BACKENDS = ("auto", "cuda", "cpu", "xla")
-FP8_SCALE_FORMATS = ("float", "pow2", "ue8m0")
+from ._extension import FP8_MODES, HIDDEN_MULTIPLE, SCALE_BLOCK
 
-# Wire codes of Fp8Mode in layout.h.
-_FP8_MODE_CODES = {None: 0, "float": 1, "pow2": 2, "ue8m0": 3}
+BACKENDS = ("auto", "cuda", "cpu", "xla")
+FP8_SCALE_FORMATS = tuple(name for name in FP8_MODES if name != "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +36,75 @@ class Fp8Options:
 
     @property
     def mode_code(self) -> int:
-        return _FP8_MODE_CODES[self.scale_format]
+        """The Fp8Mode the native backends receive (layout.h)."""
+        return FP8_MODES[self.scale_format]
 
 
 def fp8_mode_code(fp8: Fp8Options | None) -> int:
-    return 0 if fp8 is None else fp8.mode_code
+    return FP8_MODES["none"] if fp8 is None else fp8.mode_code
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Options of the cuda backend
+# ---------------------------------------------------------------------------------------------------------------
+CUDA_TRANSPORTS = ("auto", "nvshmem", "peer")
+TRANSPORT_ENV = "JAX_LL_EP_CUDA_TRANSPORT"  # the default of CudaOptions.transport
+FORCE_PUT_ENV = "JAX_LL_EP_FORCE_PUT"  # "1": the default of CudaOptions.force_put is True
+TRACE_ENV = "JAX_LL_EP_TRACE"  # "1": the default of CudaOptions.trace is True
+
+
+@functools.cache
+def environment_defaults() -> dict:
+    """CudaOptions' defaults from the environment, read once per process (the first CudaOptions made reads them)."""
+    transport = os.environ.get(TRANSPORT_ENV, "auto")
+    if transport not in CUDA_TRANSPORTS:
+        raise ValueError(f"{TRANSPORT_ENV}={transport!r} is not a cuda transport; allowed: {CUDA_TRANSPORTS}")
+    return dict(
+        transport=transport,
+        force_put=os.environ.get(FORCE_PUT_ENV, "") not in ("", "0"),
+        trace=os.environ.get(TRACE_ENV, "") == "1",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaOptions:
+    """Options of the ``cuda`` backend (``Buffer(..., cuda=CudaOptions(...))``); other backends ignore them.
+
+    ``transport``:
+      - ``"auto"``: ``"peer"`` when this process holds every GPU of the mesh (and puts are not forced), else
+        ``"nvshmem"``;
+      - ``"nvshmem"``: NVSHMEM symmetric memory, one process per GPU (several may share one GPU under CUDA MPS);
+      - ``"peer"``: one process driving every GPU of the mesh: plain allocations reached through CUDA peer access.
+    ``force_put``: reach every peer (self included) through NVSHMEM device puts, even where load/store would do
+    (the nvshmem transport; tests and measurements of the network path).
+    ``trace``: record the kernels' phase trace of recent calls (performance work; see benchmarks/).
+
+    A field left out takes its default from the environment, read once per process: JAX_LL_EP_CUDA_TRANSPORT,
+    JAX_LL_EP_FORCE_PUT=1, JAX_LL_EP_TRACE=1 (else "auto", False, False).
+    """
+
+    transport: Literal["auto", "nvshmem", "peer"] = dataclasses.field(
+        default_factory=lambda: environment_defaults()["transport"]
+    )
+    force_put: bool = dataclasses.field(default_factory=lambda: environment_defaults()["force_put"])
+    trace: bool = dataclasses.field(default_factory=lambda: environment_defaults()["trace"])
+
+    def __post_init__(self):
+        if self.transport not in CUDA_TRANSPORTS:
+            raise ValueError(f"CudaOptions.transport={self.transport!r} is not supported; allowed: {CUDA_TRANSPORTS}")
+        for name in ("force_put", "trace"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"CudaOptions.{name}={getattr(self, name)!r} must be a bool")
+        if self.transport == "peer" and self.force_put:
+            raise ValueError(
+                "CudaOptions(transport='peer', force_put=True): the peer transport has no NVSHMEM puts; force_put "
+                "needs transport='nvshmem' or 'auto'"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The buffer's static configuration
+# ---------------------------------------------------------------------------------------------------------------
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive int")
@@ -72,8 +133,10 @@ class BufferConfig:
                 f"num_experts={self.num_experts} must be divisible by the size of mesh axis "
                 f"{self.axis_name!r} ({self.num_ranks}); allowed: a multiple of {self.num_ranks}"
             )
-        if self.hidden % 8:
-            raise ValueError(f"hidden={self.hidden} must be a multiple of 8 (of 128 for fp8 dispatch)")
+        if self.hidden % HIDDEN_MULTIPLE:
+            raise ValueError(
+                f"hidden={self.hidden} must be a multiple of {HIDDEN_MULTIPLE} (of {SCALE_BLOCK} for fp8 dispatch)"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not one of {BACKENDS}")
         if not (isinstance(self.timeout_s, (int, float)) and 0 < self.timeout_s <= 86400):

@@ -17,22 +17,19 @@ n = tokens passed to this call, n <= T):
 
 Reuse rules: all ranks must issue the same sequence of calls on a buffer. Inside one program that holds by
 construction (every call on a buffer is ordered after the previous one). A split send must be followed by its
-receive before the next send on the same buffer.
+receive before the next send on the same buffer (on every backend; the native ones refuse a second send).
+
+Each op validates its arguments here, at trace time, then calls the buffer's backend (jax_ll_ep/backends/).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from . import _ffi, _native_ops
-from ._native_ops import aval as _aval
-from ._native_ops import dispatch_result_avals as _dispatch_result_avals
-from ._native_ops import pack_dispatch as _pack_dispatch
-from ._native_ops import ticket_aval as _ticket_aval
+from ._extension import MAX_TOPK, SCALE_BLOCK
 from .buffers import Buffer
-from .config import MAX_TOPK, SCALE_BLOCK, Fp8Options, fp8_mode_code
+from .config import Fp8Options
 from .types import CombinePending, DispatchHandle, DispatchPending
 
 
@@ -142,6 +139,29 @@ def _check_handle(buf: Buffer, op: str, handle) -> DispatchHandle:
     return handle
 
 
+def _check_dispatch_args(buf: Buffer, op: str, x, topk_idx, fp8):
+    _check_context(buf, op)
+    x = _check_tokens(buf, op, "x", x, float_ok=True)
+    topk_idx = _check_topk(buf, op, topk_idx, x.shape[0])
+    return x, topk_idx, _check_fp8(buf, op, fp8)
+
+
+def _check_combine_args(buf: Buffer, op: str, y, topk_idx, topk_weights, handle):
+    _check_context(buf, op)
+    y = _check_expert_outputs(buf, op, y)
+    topk_idx = jnp.asarray(topk_idx)
+    if topk_idx.ndim != 2:
+        raise ValueError(f"{op}: topk_idx must have shape [n, K], got {tuple(topk_idx.shape)}")
+    if topk_idx.shape[0] > buf.max_tokens_per_rank:
+        raise ValueError(
+            f"{op}: topk_idx has {topk_idx.shape[0]} tokens but the buffer holds at most "
+            f"max_tokens_per_rank={buf.max_tokens_per_rank}"
+        )
+    topk_idx = _check_topk(buf, op, topk_idx, topk_idx.shape[0])
+    topk_weights = _check_weights(op, topk_weights, topk_idx.shape)
+    return y, topk_idx, topk_weights, _check_handle(buf, op, handle)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Public ops
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,56 +170,19 @@ def dispatch(buf: Buffer, x, topk_idx, *, fp8: Fp8Options | None = None):
 
     Returns only after every token addressed to this rank by every rank has arrived (see docs/protocol.md).
     """
-    _check_context(buf, "dispatch")
-    x = _check_tokens(buf, "dispatch", "x", x, float_ok=True)
-    topk_idx = _check_topk(buf, "dispatch", topk_idx, x.shape[0])
-    fp8 = _check_fp8(buf, "dispatch", fp8)
-    if buf.backend == "xla":
-        from . import reference
-
-        return reference.dispatch(buf.config, x, topk_idx, fp8=fp8, on_routing_error=buf._impl.record_routing_error)
-    return _native_ops.dispatch(buf, x, topk_idx, fp8)
+    return buf.backend.dispatch(*_check_dispatch_args(buf, "dispatch", x, topk_idx, fp8))
 
 
 def combine(buf: Buffer, y, topk_idx, topk_weights, handle: DispatchHandle):
     """Sends expert outputs back to their source tokens and reduces them: ``out[t] = sum_k w[t,k] * y[slot(t,k)]``
     over valid k, in float32, in k order. Returns ``out`` [n, H] bfloat16."""
-    _check_context(buf, "combine")
-    y = _check_expert_outputs(buf, "combine", y)
-    topk_idx = jnp.asarray(topk_idx)
-    if topk_idx.ndim != 2:
-        raise ValueError(f"combine: topk_idx must have shape [n, K], got {tuple(topk_idx.shape)}")
-    if topk_idx.shape[0] > buf.max_tokens_per_rank:
-        raise ValueError(
-            f"combine: topk_idx has {topk_idx.shape[0]} tokens but the buffer holds at most "
-            f"max_tokens_per_rank={buf.max_tokens_per_rank}"
-        )
-    topk_idx = _check_topk(buf, "combine", topk_idx, topk_idx.shape[0])
-    topk_weights = _check_weights("combine", topk_weights, topk_idx.shape)
-    handle = _check_handle(buf, "combine", handle)
-    if buf.backend == "xla":
-        from . import reference
-
-        return reference.combine(buf.config, y, topk_idx, topk_weights, handle)
-    return _native_ops.combine(buf, y, topk_idx, topk_weights, handle)
+    return buf.backend.combine(*_check_combine_args(buf, "combine", y, topk_idx, topk_weights, handle))
 
 
 def dispatch_send(buf: Buffer, x, topk_idx, *, fp8: Fp8Options | None = None) -> DispatchPending:
     """The send half of dispatch: returns as soon as this rank's tokens and signals are out. Work placed between
     dispatch_send and dispatch_recv overlaps the transfer. Call dispatch_recv before the next send on ``buf``."""
-    _check_context(buf, "dispatch_send")
-    x = _check_tokens(buf, "dispatch_send", "x", x, float_ok=True)
-    topk_idx = _check_topk(buf, "dispatch_send", topk_idx, x.shape[0])
-    fp8 = _check_fp8(buf, "dispatch_send", fp8)
-    _require_native(buf, "dispatch_send")
-    (ticket,) = _ffi.native_call(
-        "jax_ll_ep_dispatch_send",
-        [x, topk_idx],
-        [_ticket_aval(x)],
-        buffer_id=buf.handle,
-        fp8_mode=np.int32(fp8_mode_code(fp8)),
-    )
-    return DispatchPending(ticket, fp8)
+    return buf.backend.dispatch_send(*_check_dispatch_args(buf, "dispatch_send", x, topk_idx, fp8))
 
 
 def dispatch_recv(buf: Buffer, pending: DispatchPending):
@@ -207,36 +190,12 @@ def dispatch_recv(buf: Buffer, pending: DispatchPending):
     _check_context(buf, "dispatch_recv")
     if not isinstance(pending, DispatchPending):
         raise TypeError(f"dispatch_recv: pending must come from dispatch_send, got {type(pending).__name__}")
-    _require_native(buf, "dispatch_recv")
-    fp8 = pending.fp8
-    outs = _ffi.native_call(
-        "jax_ll_ep_dispatch_recv",
-        [pending.ticket],
-        _dispatch_result_avals(buf, pending.ticket, fp8),
-        buffer_id=buf.handle,
-        fp8_mode=np.int32(fp8_mode_code(fp8)),
-    )
-    return _pack_dispatch(outs, fp8)
+    return buf.backend.dispatch_recv(pending)
 
 
 def combine_send(buf: Buffer, y, topk_idx, topk_weights, handle: DispatchHandle) -> CombinePending:
     """The send half of combine. Call combine_recv before the next send on ``buf``."""
-    _check_context(buf, "combine_send")
-    y = _check_expert_outputs(buf, "combine_send", y)
-    topk_idx = jnp.asarray(topk_idx)
-    if topk_idx.ndim != 2:
-        raise ValueError(f"combine_send: topk_idx must have shape [n, K], got {tuple(topk_idx.shape)}")
-    topk_idx = _check_topk(buf, "combine_send", topk_idx, topk_idx.shape[0])
-    topk_weights = _check_weights("combine_send", topk_weights, topk_idx.shape)
-    handle = _check_handle(buf, "combine_send", handle)
-    _require_native(buf, "combine_send")
-    (ticket,) = _ffi.native_call(
-        "jax_ll_ep_combine_send",
-        [y, handle.src_info, handle.layout_range, handle.src_topk_pos],
-        [_ticket_aval(y)],
-        buffer_id=buf.handle,
-    )
-    return CombinePending(ticket, topk_idx, topk_weights)
+    return buf.backend.combine_send(*_check_combine_args(buf, "combine_send", y, topk_idx, topk_weights, handle))
 
 
 def combine_recv(buf: Buffer, pending: CombinePending):
@@ -244,20 +203,4 @@ def combine_recv(buf: Buffer, pending: CombinePending):
     _check_context(buf, "combine_recv")
     if not isinstance(pending, CombinePending):
         raise TypeError(f"combine_recv: pending must come from combine_send, got {type(pending).__name__}")
-    _require_native(buf, "combine_recv")
-    n = pending.topk_idx.shape[0]
-    (out,) = _ffi.native_call(
-        "jax_ll_ep_combine_recv",
-        [pending.ticket, pending.topk_idx, pending.topk_weights],
-        [_aval(pending.topk_weights, (n, buf.hidden), jnp.bfloat16)],
-        buffer_id=buf.handle,
-    )
-    return out
-
-
-def _require_native(buf: Buffer, op: str) -> None:
-    if buf.backend == "xla":
-        raise NotImplementedError(
-            f"{op}: the split send/recv forms need the 'cpu' or 'cuda' backend; the 'xla' backend (all_to_all) has "
-            f"no separate halves. Use dispatch/combine, or a native backend."
-        )
+    return buf.backend.combine_recv(pending)

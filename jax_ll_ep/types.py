@@ -32,9 +32,14 @@ class DispatchHandle(NamedTuple):
 
 @jax.tree_util.register_pytree_node_class
 class DispatchPending:
-    """Returned by dispatch_send; pass it to dispatch_recv. ``fp8`` is static (part of the tree structure)."""
+    """Returned by dispatch_send; pass it to dispatch_recv. ``fp8`` is static (part of the tree structure).
 
-    def __init__(self, ticket: jax.Array, fp8: Fp8Options | None):
+    ``ticket`` is what the receive half needs from its send half: on the native backends the call's ticket (int32[1]:
+    its sequence number, checked by the receive half), on the ``xla`` backend the rows the send half exchanged (a
+    tuple of arrays). Either way it orders the receive after its send through data flow.
+    """
+
+    def __init__(self, ticket, fp8: Fp8Options | None):
         self.ticket = ticket
         self.fp8 = fp8
 
@@ -47,7 +52,8 @@ class DispatchPending:
 
 
 class CombinePending(NamedTuple):
-    """Returned by combine_send; pass it to combine_recv."""
+    """Returned by combine_send; pass it to combine_recv. ``ticket`` as in :class:`DispatchPending` (on the ``xla``
+    backend: the expert outputs sent home, [R, n, K, H])."""
 
     ticket: jax.Array
     topk_idx: jax.Array

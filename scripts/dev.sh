@@ -55,13 +55,16 @@ build() {
   local build_dir="$root/build/dev"
   local nvshmem_dir
   nvshmem_dir="$("$venv/bin/python" -c 'import nvidia.nvshmem as m; print(m.__path__[0])' 2>/dev/null || true)"
-  cmake -S "$root" -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  # The pinned CMake and Ninja of the venv (requirements-dev.txt), never whatever is first on PATH: the project needs
+  # CMake >= 3.26, and Debian's is 3.25.
+  local cmake="$venv/bin/cmake"
+  "$cmake" -S "$root" -B "$build_dir" -G Ninja -DCMAKE_MAKE_PROGRAM="$venv/bin/ninja" -DCMAKE_BUILD_TYPE=Release \
     -DPython_EXECUTABLE="$venv/bin/python" -DJAX_LL_EP_CUDA="${JAX_LL_EP_CUDA:-AUTO}" \
     -DNVSHMEM_DIR="$nvshmem_dir" -DCMAKE_INSTALL_PREFIX="$root" >"$root/build/cmake-configure.log" 2>&1 \
     || { cat "$root/build/cmake-configure.log"; exit 1; }
   grep -E "jax_ll_ep:" "$root/build/cmake-configure.log" || true
-  cmake --build "$build_dir" -j "$(nproc)"
-  cmake --install "$build_dir" >/dev/null
+  "$cmake" --build "$build_dir" -j "$(nproc)"
+  "$cmake" --install "$build_dir" >/dev/null
 }
 
 cmd="${1:-test}"

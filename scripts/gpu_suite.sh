@@ -2,7 +2,7 @@
 # The whole GPU suite in one command on a one-GPU machine:
 #   scripts/gpu_suite.sh [OUT_DIR]
 # 1. makes nvshmem4py importable (installs the wheel(s) in .whl/ into a private folder when it is missing),
-# 2. builds the CUDA module when jax_ll_ep/_jax_ll_ep_cuda*.so is missing (CMake + the image's nvcc),
+# 2. builds the native modules, or brings them up to date (CMake + the image's nvcc),
 # 3. starts the CUDA MPS daemon (private pipe/log folders) so that several rank processes share the GPU
 #    concurrently; each rank gets CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 / ranks,
 # 4. runs tests/gpu with 1 rank and with 2, 4 and 8 ranks (JAX_LL_EP_GPU_RANKS overrides), and one process
@@ -34,17 +34,21 @@ fi
 note "card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
 note "versions: $("$py" -c 'import jax, nvshmem, cuda.core as c, importlib.metadata as m; print("jax", jax.__version__, "| nvshmem4py", nvshmem.__version__ if hasattr(nvshmem, "__version__") else m.version("nvshmem4py-cu13"), "| cuda.core", m.version("cuda-core"), "| nvidia-nvshmem-cu13", m.version("nvidia-nvshmem-cu13"))' 2>&1 | tail -1)"
 
-# 2. the CUDA module (rebuilt when missing or when the one present does not load here)
-if ! "$py" -c "import jax, jax_ll_ep._cuda_backend as c; c._load_module()" >"$out/import.log" 2>&1; then
-  note "building the CUDA module"
+# 2. the native modules, built or brought up to date on every run (the build is incremental, and a module left by an
+#    earlier checkout would load but not match these sources), then loaded once
+#    (JAX_LL_EP_GPU_PREBUILT=1: use the modules in jax_ll_ep/ as they are, e.g. built from these sources on another
+#    machine with the same jaxlib, NVSHMEM and nvcc, and carried here; saves the build's minute of GPU-machine time)
+if [ "${JAX_LL_EP_GPU_PREBUILT:-0}" = 1 ]; then
+  note "using the prebuilt modules: $(ls jax_ll_ep/*.so 2>/dev/null | tr '\n' ' ')"
+else
   nvshmem_dir="$("$py" -c 'import nvidia.nvshmem as m; print(m.__path__[0])')"
   { cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$py")" \
       -DJAX_LL_EP_CUDA=ON -DNVSHMEM_DIR="$nvshmem_dir" -DCMAKE_INSTALL_PREFIX="$root" \
       && cmake --build build/gpu -j "$(nproc)" && cmake --install build/gpu; } >"$out/build.log" 2>&1 \
     || { tail -30 "$out/build.log"; note "FAIL: build (see $out/build.log)"; exit 1; }
 fi
-"$py" -c "import jax_ll_ep._cuda_backend as c; assert c.available(), 'cuda backend unavailable'" \
-  || { note "FAIL: the cuda backend is not available"; exit 1; }
+"$py" -c "import jax_ll_ep._extension as e; assert e.cuda_available(), 'cuda backend unavailable'; e.cuda_module()" \
+  >"$out/import.log" 2>&1 || { tail -5 "$out/import.log"; note "FAIL: the cuda backend is not available"; exit 1; }
 
 # 3. MPS, stopped on any exit
 mps="$(mktemp -d)"

@@ -1,6 +1,6 @@
 """An independent NumPy oracle for dispatch, combine and fp8 quantization.
 
-Written from the contract (DESIGN.md section 3 and the semantics in the project brief), not from any backend: loops
+Written from the contract (the docstrings of jax_ll_ep/ops.py and jax_ll_ep/fp8.py), not from any backend: loops
 over ranks, tokens and top-k choices, with every float step spelled out in float32 NumPy arithmetic (NumPy never
 contracts a multiply and an add into an FMA). Every backend must match it bit for bit on the valid rows.
 

@@ -1,6 +1,6 @@
 """jax.grad through dispatch and combine on every CPU-capable backend, against a dense float32 reference.
 
-The native backends differentiate with custom VJPs built from the forward ops themselves (jax_ll_ep/_native_ops.py);
+The native backends differentiate with custom VJPs built from the forward ops themselves (jax_ll_ep/autodiff.py);
 the xla backend with JAX's own AD through all_to_all. All must agree with the dense computation within bf16 rounding,
 and the weight gradients of the native path must be exactly those of the same bf16 forward values.
 """

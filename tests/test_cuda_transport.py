@@ -1,51 +1,79 @@
-"""Which transport a cuda buffer uses (jax_ll_ep/_cuda_backend.py: choose_transport), checked without a GPU: the
-peer-access transport when one process holds the whole mesh, NVSHMEM when the mesh spans processes or puts are
-forced, and clear errors for a forced choice that cannot work or an unknown value."""
+"""The cuda backend's options, checked without a GPU: which transport a buffer uses (jax_ll_ep/backends/cuda.py:
+choose_transport), the validation of CudaOptions, and the environment variables that give their defaults, read once
+per process."""
 
 from __future__ import annotations
 
 import pytest
 
-from jax_ll_ep._cuda_backend import FORCE_PUT_ENV, TRANSPORT_ENV, choose_transport
+from jax_ll_ep import CudaOptions, config
+from jax_ll_ep.backends.cuda import choose_transport
+
+ENVIRONMENT = (config.TRANSPORT_ENV, config.FORCE_PUT_ENV, config.TRACE_ENV)
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv(TRANSPORT_ENV, raising=False)
-    monkeypatch.delenv(FORCE_PUT_ENV, raising=False)
+@pytest.fixture
+def environment(monkeypatch):
+    """environment(NAME=value, ...): sets the variables CudaOptions' defaults come from (the others unset) and lets
+    the next CudaOptions() read them (they are read once per process)."""
+
+    def set_environment(**values):
+        for name in ENVIRONMENT:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        config.environment_defaults.cache_clear()
+
+    set_environment()
+    yield set_environment
+    config.environment_defaults.cache_clear()
 
 
-def test_one_process_uses_peer_access_and_several_use_nvshmem():
-    assert choose_transport(1) == "peer"
-    assert choose_transport(2) == "nvshmem"
-    assert choose_transport(8) == "nvshmem"
+def test_one_process_uses_peer_access_and_several_use_nvshmem(environment):
+    options = CudaOptions()
+    assert (options.transport, options.force_put, options.trace) == ("auto", False, False)
+    assert choose_transport(options, 1) == "peer"
+    assert choose_transport(options, 2) == "nvshmem"
+    assert choose_transport(options, 8) == "nvshmem"
 
 
-def test_forced_puts_need_nvshmem(monkeypatch):
-    monkeypatch.setenv(FORCE_PUT_ENV, "1")
-    assert choose_transport(1) == "nvshmem"
-    monkeypatch.setenv(FORCE_PUT_ENV, "0")  # "0" means off
-    assert choose_transport(1) == "peer"
+def test_forced_puts_need_nvshmem(environment):
+    assert choose_transport(CudaOptions(force_put=True), 1) == "nvshmem"
+    assert choose_transport(CudaOptions(force_put=True), 4) == "nvshmem"
 
 
-def test_override(monkeypatch):
-    monkeypatch.setenv(TRANSPORT_ENV, "nvshmem")
-    assert choose_transport(1) == "nvshmem"
-    monkeypatch.setenv(TRANSPORT_ENV, "peer")
-    assert choose_transport(1) == "peer"
+def test_explicit_transport(environment):
+    assert choose_transport(CudaOptions(transport="nvshmem"), 1) == "nvshmem"
+    assert choose_transport(CudaOptions(transport="peer"), 1) == "peer"
+    with pytest.raises(ValueError, match=r"transport='peer'\) needs one process holding every GPU of the mesh"):
+        choose_transport(CudaOptions(transport="peer"), 2)
 
 
 @pytest.mark.parametrize(
-    ("value", "processes", "force_put", "match"),
+    ("kwargs", "exc", "match"),
     [
-        ("peer", 2, "", "one process holding every GPU"),
-        ("peer", 1, "1", "JAX_LL_EP_FORCE_PUT"),
-        ("ucx", 1, "", "use 'auto', 'nvshmem' or 'peer'"),
+        (dict(transport="ucx"), ValueError, r"CudaOptions.transport='ucx' is not supported; allowed: \('auto'"),
+        (dict(transport="peer", force_put=True), ValueError, r"the peer transport has no NVSHMEM puts"),
+        (dict(force_put="1"), TypeError, r"CudaOptions.force_put='1' must be a bool"),
+        (dict(trace=1), TypeError, r"CudaOptions.trace=1 must be a bool"),
     ],
 )
-def test_impossible_or_unknown_choice_raises(monkeypatch, value, processes, force_put, match):
-    monkeypatch.setenv(TRANSPORT_ENV, value)
-    if force_put:
-        monkeypatch.setenv(FORCE_PUT_ENV, force_put)
-    with pytest.raises(ValueError, match=match):
-        choose_transport(processes)
+def test_invalid_options(environment, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        CudaOptions(**kwargs)
+
+
+def test_the_environment_gives_the_defaults_read_once(environment, monkeypatch):
+    environment(**{config.TRANSPORT_ENV: "nvshmem", config.FORCE_PUT_ENV: "1", config.TRACE_ENV: "1"})
+    assert CudaOptions() == CudaOptions(transport="nvshmem", force_put=True, trace=True)
+    assert CudaOptions(force_put=False).force_put is False  # an argument wins over the environment
+    monkeypatch.setenv(config.TRANSPORT_ENV, "peer")  # read once: a later change is not seen
+    assert CudaOptions().transport == "nvshmem"
+    environment(**{config.FORCE_PUT_ENV: "0"})  # "0" means off
+    assert CudaOptions().force_put is False
+
+
+def test_an_unknown_transport_in_the_environment_is_named(environment):
+    environment(**{config.TRANSPORT_ENV: "ucx"})
+    with pytest.raises(ValueError, match=r"JAX_LL_EP_CUDA_TRANSPORT='ucx' is not a cuda transport"):
+        CudaOptions()

@@ -1,4 +1,4 @@
-"""Every trace-time constraint of DESIGN.md section 3 raises a clear exception that names the argument, the bad
+"""Every trace-time constraint of the ops (jax_ll_ep/ops.py) raises a clear exception that names the argument, the bad
 value and what is allowed. Nothing here compiles or runs: the errors come while tracing."""
 
 from __future__ import annotations
@@ -240,9 +240,39 @@ def test_used_after_close(mesh8):
         b.check()
 
 
-def test_split_forms_need_a_native_backend(buf):
-    with pytest.raises(NotImplementedError, match=r"dispatch_send: the split send/recv forms need the 'cpu' or 'cuda'"):
-        _trace(buf, lambda a, b: ep.dispatch_send(buf, a, b).ticket, ((T, H), BF16), ((T, K), np.int32))
+def test_split_forms_validate_like_the_fused_ops(buf):
+    def send(x_spec, topk_spec):
+        return _trace(buf, lambda a, b: ep.dispatch_send(buf, a, b).ticket[0], x_spec, topk_spec)
+
+    send(((T, H), BF16), ((T, K), np.int32))  # accepted on every backend
+    with pytest.raises(ValueError, match=r"dispatch_send: x has 17 tokens but the buffer holds at most"):
+        send(((T + 1, H), BF16), ((T + 1, K), np.int32))
+    with pytest.raises(TypeError, match=r"dispatch_send: topk_idx must be int32"):
+        send(((T, H), BF16), ((T, K), np.float32))
+
+    def combine_send(topk_rows):
+        def body(y, t, w, s, lr, p):
+            return ep.combine_send(buf, y, t, w, ep.DispatchHandle(s, lr, p)).ticket
+
+        specs = [((E_L, ROWS, H), BF16), ((topk_rows, K), np.int32), ((topk_rows, K), np.float32)]
+        specs += [((E_L, ROWS), np.int32), ((E_L, R, 2), np.int32), ((E_L, ROWS), np.int32)]
+        return _trace(buf, body, *specs)
+
+    combine_send(T)
+    with pytest.raises(ValueError, match=r"combine_send: topk_idx has 17 tokens but the buffer holds at most"):
+        combine_send(T + 1)
+    with pytest.raises(TypeError, match=r"dispatch_recv: pending must come from dispatch_send, got tuple"):
+        _trace(buf, lambda a: ep.dispatch_recv(buf, (a,))[1], ((T, 1), np.int32))
+
+
+def test_cuda_options_argument(mesh8):
+    with pytest.raises(TypeError, match=r"cuda must be None or jax_ll_ep.CudaOptions, got 'peer'"):
+        ep.Buffer(mesh8, "ep", num_experts=E, max_tokens_per_rank=T, hidden=H, backend="xla", cuda="peer")
+    # Other backends ignore the cuda options (so that backend="auto" code carries them everywhere).
+    with ep.Buffer(
+        mesh8, "ep", num_experts=E, max_tokens_per_rank=T, hidden=H, backend="xla", cuda=ep.CudaOptions(trace=True)
+    ) as b:
+        assert b.backend.name == "xla"
 
 
 def test_xla_backend_reports_routing_errors_at_check(make_mesh):
@@ -263,6 +293,7 @@ def test_xla_backend_reports_routing_errors_at_check(make_mesh):
         # its expert 7 (rank 3's) still arrived.
         assert counts.reshape(r, e // r)[0].tolist() == [r * t - 1, r * t - 1]
         assert counts.reshape(r, e // r)[3].tolist() == [0, 1]
-        with pytest.raises(ep.RoutingError, match="expert id 42, outside"):
+        # (token 5 of the global array is rank 1's token 2)
+        with pytest.raises(ep.RoutingError, match=r"rank 1 of group 0, dispatch call: topk_idx\[2, 1\] = 42 is out"):
             buf.check()
         buf.check()  # cleared

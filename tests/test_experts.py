@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jax_ll_ep as ep
-from jax_ll_ep.reference import quantize_fp8
+from jax_ll_ep.fp8 import quantize_fp8
 
 IMPLS = ("pallas", "reference")
 

@@ -2,7 +2,7 @@
 
 Each case runs dispatch -> identity experts -> combine in one jitted shard_map and compares every valid row of
 every dispatch result and every combine output with tests/oracle.py. Shapes are small and shared between cases so
-that compiled functions are reused (testing.py caches them per buffer).
+that compiled functions are reused (jax_ll_ep.testing caches them per buffer).
 """
 
 from __future__ import annotations
@@ -66,10 +66,11 @@ def _inputs(case: Case, seed: int, routing: str = "random", *, devices: int | No
     return xs, topks, weights
 
 
-def _check_against_oracle(buf, case: Case, xs, topks, weights, *, fp8: str | None = None):
-    """Runs dispatch -> identity (dequantized for fp8) -> combine; compares everything with the oracle."""
+def _check_against_oracle(buf, case: Case, xs, topks, weights, *, fp8: str | None = None, split: bool = False):
+    """Runs dispatch -> identity (dequantized for fp8) -> combine (with ``split``: through the split forms);
+    compares everything with the oracle."""
     options = None if fp8 is None else ep.Fp8Options(fp8)
-    outs, got = testing.run_roundtrip(buf, xs, topks, weights, fp8=options)
+    outs, got = testing.run_roundtrip(buf, xs, topks, weights, fp8=options, split=split)
     for g, sl in enumerate(testing.group_slices(buf)):
         want = oracle.dispatch(xs[sl], topks[sl], case.num_experts, case.max_tokens, fp8)
         for r, (gd, wd) in enumerate(zip(got[sl], want, strict=True)):
@@ -138,30 +139,104 @@ def test_invalid_ids_are_treated_as_no_expert(make_buffer, make_mesh):
     _check_against_oracle(buf, BASE, xs, topks, weights)
 
 
-def test_routing_errors_are_reported_to_the_hook(make_buffer, make_mesh):
-    """reference.dispatch's on_routing_error hook: called with the first bad entry of each rank's call, on the
-    host, and only when there is one."""
-    from jax_ll_ep import reference
+def test_routing_errors_are_reported_at_check(make_mesh):
+    """The first bad entry of each rank's call reaches the host (only when there is one), and buf.check() raises
+    them all in the words the native backends use (xla_ffi/include/jax_ll_ep/errors.h)."""
+    mesh = make_mesh((BASE.num_ranks,), ("ep",))
+    # A buffer of its own: the shared ones carry the reports of other tests' bad ids, never checked.
+    with ep.Buffer(
+        mesh, "ep", num_experts=32, max_tokens_per_rank=BASE.max_tokens, hidden=BASE.hidden, backend=BACKEND
+    ) as buf:
+        fn = testing.dispatch_fn(buf, None)
+        xs, topks, _ = _inputs(BASE, seed=14)
+        jax.block_until_ready(fn(*(testing.shard_per_device(buf, a) for a in (xs, topks))))
+        buf.check()  # a clean call reports nothing
+        topks[2][3] = [7, 7, -1, 0]  # a repeat
+        topks[6][1] = [1, -2, 2, 99]  # invalid ids: -2 comes first
+        jax.block_until_ready(fn(*(testing.shard_per_device(buf, a) for a in (xs, topks))))
+        with pytest.raises(ep.RoutingError) as raised:
+            buf.check()
+        message = str(raised.value)
+        assert "rank 2 of group 0, dispatch call: topk_idx[3, 1] = 7 repeats an earlier expert" in message, message
+        assert "rank 6 of group 0, dispatch call: topk_idx[1, 1] = -2 is outside [-1, 32)" in message, message
+        buf.check()  # cleared
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Split forms: the send half exchanges, the receive half builds the layout (dispatch) or reduces (combine)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fp8", [None, "pow2"])
+def test_split_forms_match_oracle(make_buffer, make_mesh, fp8):
     buf = _buffer(make_buffer, make_mesh, BASE)
-    seen = []
+    xs, topks, weights = _inputs(BASE, seed=16)
+    _check_against_oracle(buf, BASE, xs, topks, weights, fp8=fp8, split=True)
 
-    def body(x, topk_idx):
-        recv_x, recv_count, _ = reference.dispatch(
-            buf.config, x, topk_idx, fp8=None, on_routing_error=lambda code, value: seen.append((code, value))
-        )
-        return recv_count
 
-    fn = testing.per_device_shard_map(buf, body)
-    xs, topks, _ = _inputs(BASE, seed=14)
-    jax.block_until_ready(fn(*(testing.shard_per_device(buf, a) for a in (xs, topks))))
-    jax.effects_barrier()
-    assert seen == []
-    topks[2][3] = [7, 7, -1, 0]  # a repeat
-    topks[6][1] = [1, -2, 2, 99]  # invalid ids: -2 comes first
-    jax.block_until_ready(fn(*(testing.shard_per_device(buf, a) for a in (xs, topks))))
-    jax.effects_barrier()
-    assert sorted(seen) == [(reference.INVALID_EXPERT, -2), (reference.DUPLICATE_EXPERT, 7)]
+def test_split_forms_on_a_two_dimensional_mesh(make_buffer, make_mesh):
+    case = Case(num_ranks=4, num_experts=16)
+    buf = _buffer(make_buffer, make_mesh, case, dp=2)
+    xs, topks, weights = _inputs(case, seed=17, devices=8)
+    _check_against_oracle(buf, case, xs, topks, weights, split=True)
+
+
+def test_split_forms_overlap_other_work_and_interleave_layers(make_buffer, make_mesh):
+    """Two layers with work between each send and its receive, and the second layer's dispatch sent while the
+    first layer's results are still being reduced: every result equals the fused ops' (the same program runs on
+    the native backends, which check the ordering rules)."""
+    case = Case(num_ranks=4, num_experts=16, max_tokens=8, hidden=128)
+    buf = _buffer(make_buffer, make_mesh, case)
+    xs, topks, weights = _inputs(case, seed=18)
+
+    def layer(x, topk_idx, w, split):
+        if split:
+            pending = ep.dispatch_send(buf, x, topk_idx)
+            busy = jnp.tanh(x.astype(jnp.float32))  # work placed between the halves
+            recv_x, _, handle = ep.dispatch_recv(buf, pending)
+            y = (recv_x.astype(jnp.float32) * 0.5).astype(jnp.bfloat16)
+            out = ep.combine_recv(buf, ep.combine_send(buf, y, topk_idx, w, handle))
+        else:
+            busy = jnp.tanh(x.astype(jnp.float32))
+            recv_x, _, handle = ep.dispatch(buf, x, topk_idx)
+            y = (recv_x.astype(jnp.float32) * 0.5).astype(jnp.bfloat16)
+            out = ep.combine(buf, y, topk_idx, w, handle)
+        return (out.astype(jnp.float32) + busy).astype(jnp.bfloat16)
+
+    def two_layers(split):
+        return testing.per_device_shard_map(buf, lambda x, t, w: layer(layer(x, t, w, split), t, w, split))
+
+    args = [testing.shard_per_device(buf, a) for a in (xs, topks, weights)]
+    fused, split = (testing.unshard_per_device(buf, two_layers(s)(*args)) for s in (False, True))
+    for r in range(case.num_ranks):
+        oracle.assert_bitwise_equal(split[r], fused[r], what=f"rank {r}")
+    assert any(np.any(f.astype(np.float32) != 0) for f in fused)
+
+
+def test_split_forms_grad(make_buffer, make_mesh):
+    """bf16 split forms differentiate like the fused ops (JAX's own AD); an fp8 send refuses."""
+    case = Case(num_ranks=4, num_experts=16, max_tokens=8, hidden=128)
+    buf = _buffer(make_buffer, make_mesh, case)
+    xs, topks, weights = _inputs(case, seed=19)
+    x, t, w = (testing.shard_per_device(buf, a) for a in ([x.astype(np.float32) for x in xs], topks, weights))
+
+    def loss(split, fp8=None):
+        def body(x, t, w):
+            if split:
+                recv_x, _, handle = ep.dispatch_recv(buf, ep.dispatch_send(buf, x, t, fp8=fp8))
+                y = testing.dequantize(recv_x)
+                out = ep.combine_recv(buf, ep.combine_send(buf, y, t, w, handle))
+            else:
+                recv_x, _, handle = ep.dispatch(buf, x, t)
+                out = ep.combine(buf, recv_x, t, w, handle)
+            return jnp.sum(out.astype(jnp.float32) ** 2)[None]
+
+        fn = jax.shard_map(body, mesh=buf.mesh, in_specs=P("ep"), out_specs=P("ep"))
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, t, w)), argnums=(0, 1)))
+
+    (dx_fused, dw_fused), (dx_split, dw_split) = loss(False)(x, w), loss(True)(x, w)
+    np.testing.assert_array_equal(np.asarray(dx_split), np.asarray(dx_fused))
+    np.testing.assert_array_equal(np.asarray(dw_split), np.asarray(dw_fused))
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        loss(True, ep.Fp8Options("pow2"))(x, w)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,7 +286,7 @@ def test_fp8_large_hidden(make_buffer, make_mesh):
 
 def test_quantize_fp8_matches_oracle_on_edge_values():
     """The JAX quantizer alone, on many blocks (including all-zero and tiny ones and exact-tie values)."""
-    from jax_ll_ep import reference
+    from jax_ll_ep import fp8
 
     rng = np.random.default_rng(32)
     x = testing.random_tokens(rng, 64, 512).astype(np.float32)
@@ -221,7 +296,7 @@ def test_quantize_fp8_matches_oracle_on_edge_values():
     x[3, :4] = [448.0, 1.0625, 1.1875, -2.0625]
     x = x.astype(BF16)
     for fmt in ("float", "pow2", "ue8m0"):
-        data, scale = jax.jit(reference.quantize_fp8, static_argnums=1)(x, fmt)
+        data, scale = jax.jit(fp8.quantize_fp8, static_argnums=1)(x, fmt)
         want_data, want_scale = oracle.quantize_fp8(x, fmt)
         oracle.assert_bitwise_equal(np.asarray(data), want_data, what=f"{fmt} data")
         oracle.assert_bitwise_equal(np.asarray(scale), want_scale, what=f"{fmt} scale")
@@ -229,7 +304,7 @@ def test_quantize_fp8_matches_oracle_on_edge_values():
 
 def test_division_is_correctly_rounded():
     """fp8 quantization's two divisions (amax / 448 and 448 / amax) against IEEE float32 division in NumPy."""
-    from jax_ll_ep.reference import _divide_rn
+    from jax_ll_ep.fp8 import _divide_rn
 
     rng = np.random.default_rng(33)
     n = 200_000
@@ -285,7 +360,7 @@ def test_combine_random_outputs_poisoned_rows(make_buffer, make_mesh):
 def test_compiled_program_is_all_to_all_and_cached(make_buffer, make_mesh):
     buf = _buffer(make_buffer, make_mesh, BASE)
     xs, topks, weights = _inputs(BASE, seed=50)
-    fn = testing._roundtrip_fn(buf, None, None)
+    fn = testing.roundtrip_fn(buf, None, None)
     args = [testing.shard_per_device(buf, a) for a in (xs, topks, weights)]
     hlo = fn.lower(*args).compile().as_text()
     assert "all-to-all" in hlo and "all-gather" not in hlo

@@ -116,7 +116,7 @@
  * peer s writes for local expert e. pair_index(e, s) = e * R + s (layout.h). */
 #define REG(r, a, p) ((((r) * 2) + (a)) * 2 + (p))
 #define IDX(r, a, p, e, s) (REG(r, a, p) * NP + (e) * R + (s))
-byte sig[R * 4 * NP];        /* the signal words (zeroed memory at start: Registry::create, registry.cc:29/71) */
+byte sig[R * 4 * NP];        /* the signal words (zeroed memory at start: Registry::create, registry.cc) */
 
 /* Ghost state (not in the code; only read by assertions). A "call ordinal" is a rank's count of send halves it
  * started: its own numbering of the calls, kept apart from RankState.seq so that the checks do not trust seq. */
@@ -188,7 +188,7 @@ byte nread[NCALLS];
 #define TRUECNT(j) COUNT((j) % R, me, (j) / R, gcall)
 #endif
 
-/* Call::fail (protocol.cc:164-184): the first error since the last check is kept. */
+/* Call::fail (protocol.cc): the first error since the last check is kept. */
 inline record(code) {
   if
   :: err == E_OK -> err = code
@@ -196,10 +196,10 @@ inline record(code) {
   fi
 }
 
-/* ---- send half: dispatch_send (protocol.cc:395-443) / combine_send (protocol.cc:506-565) ---- */
+/* ---- send half: dispatch_send (protocol.cc) / combine_send (protocol.cc) ---- */
 inline data_phase() {
-  /* dispatch_send :412-428 writes every message of every token into the owner's dispatch_recv[parity] slot (memcpy
-   * :425); combine_send :524-550 every row into the source rank's combine_recv[parity] (memcpy :545). The code's
+  /* dispatch_send writes every message of every token into the owner's dispatch_recv[parity] slot (memcpy);
+   * combine_send every row into the source rank's combine_recv[parity] (memcpy). The code's
    * order of pairs follows the routing; the model writes pair by pair, one step each (README, "Order of the
    * writes"). A zero-token pair gets no data. */
   q = 0;
@@ -226,7 +226,7 @@ inline data_phase() {
 }
 
 inline signal_phase() {
-  /* dispatch_send :431-438 / combine_send :553-560: one store_release(encode_signal(seq, kind, count)) per
+  /* dispatch_send / combine_send: one store_release(encode_signal(seq, kind, count)) per
    * (destination rank, local expert), zero-token pairs included, after all the data (release: the data of the
    * call happens-before the owner's acquire of the signal). */
   q = 0;
@@ -259,8 +259,8 @@ inline signal_phase() {
 }
 
 inline send_half() {
-  /* Call::begin_send (protocol.cc:196): seq + 1, or 0 while a call is open: then dispatch_send :398-404 /
-   * combine_send :509-515 return Call::misuse (:187) before writing anything. */
+  /* Call::begin_send (protocol.cc): seq + 1, or 0 while a call is open: then dispatch_send /
+   * combine_send return Call::misuse before writing anything. */
   if
   :: open_seq != 0 ->
      printf("rank %d: send while call seq=%d is open -> kSplitMisuse\n", me, open_seq);
@@ -272,13 +272,13 @@ inline send_half() {
      failed = 1
 #endif
   :: else ->
-     /* Call::begin_send (:196) */
+     /* Call::begin_send */
      cs = seq + 1;
      gcall++;
 #if !SAME_PROGRAM
      kinds[me * (NCALLS + 1) + gcall] = kind;
 #endif
-     p = PARITY(cs);                                 /* dispatch_send :405 / combine_send :516 */
+     p = PARITY(cs);                                 /* dispatch_send / combine_send */
 #ifdef COUNTS_NONDET
      atomic {
        /* this call's routing: no token at all (an empty rank), one token to every pair, or either alternation */
@@ -300,18 +300,18 @@ inline send_half() {
      data_phase();
      signal_phase();
 #endif
-     /* Call::open_call (protocol.cc:200-208), from dispatch_send :441 / combine_send :563: the call stays open
+     /* Call::open_call (protocol.cc), from dispatch_send / combine_send: the call stays open
       * until its receive half. */
      open_seq = cs; open_kind = kind
   fi
 }
 
-/* ---- receive half: dispatch_recv (protocol.cc:486-501) / combine_recv (protocol.cc:567-642) ---- */
+/* ---- receive half: dispatch_recv (protocol.cc) / combine_recv (protocol.cc) ---- */
 
-/* The wait of Call::wait_for_signals (protocol.cc:276-317), one pair j = pair_index(e, s) = e * R + s:
- *   ARRIVED_J  its own signal (acquire load :293) classifies as arrived (:294, :304-307);
+/* The wait of Call::wait_for_signals (protocol.cc), one pair j = pair_index(e, s) = e * R + s:
+ *   ARRIVED_J  its own signal (acquire load) classifies as arrived;
  *   MISMATCH_J its own signal is a mismatch, or it is pending and the other kind's signal of the same parity and
- *              pair (acquire load :298) is a mismatch (:295-303, :308). */
+ *              pair (acquire load) is a mismatch. */
 #define OWN(j) sig[REG(me, ARR(kind), p) * NP + (j)]
 #define CROSS(j) sig[REG(me, 1 - ARR(kind), p) * NP + (j)]
 #define ARRIVED_J(j) ((j) >= NP || ST(OWN(j), cs, kind) == ARRIVED)
@@ -322,8 +322,8 @@ inline send_half() {
                       MISMATCH_J(5))
 
 inline recv_half() {
-  /* Call::begin_recv (protocol.cc:212-230), from dispatch_recv :488 / combine_recv :570: the open call of this
-   * kind (:214, :218), else kSplitMisuse. The ticket check (:223) always passes here: a receive half gets the
+  /* Call::begin_recv (protocol.cc), from dispatch_recv / combine_recv: the open call of this
+   * kind, else kSplitMisuse. The ticket check always passes here: a receive half gets the
    * ticket of its own send (README, "Not modelled"). */
   if
   :: open_seq == 0 || open_kind != kind ->
@@ -333,9 +333,9 @@ inline recv_half() {
      cs = open_seq;
      p = PARITY(cs);
      rd[REG(me, ARR(kind), p)] = gcall;             /* ghost: from here until close_call the region is in use */
-     /* Call::wait_for_signals (protocol.cc:276-317; dispatch_recv :491, combine_recv :574) polls the pending pairs,
-      * pass after pass, until every pair has arrived (:312), a pair shows a mismatch (:308) or the deadline passes
-      * with pairs pending (:314). A poll
+     /* Call::wait_for_signals (protocol.cc; dispatch_recv, combine_recv) polls the pending pairs,
+      * pass after pass, until every pair has arrived, a pair shows a mismatch or the deadline passes
+      * with pairs pending. A poll
       * changes nothing but local state, and a signal that has arrived stays so until close_call (the signal half
       * of property 3, asserted at every store), so the wait is one step: it blocks until all E_l x R signals
       * have arrived or a mismatch shows (a wait that never ends is a hang: spin reports an invalid end state).
@@ -344,13 +344,13 @@ inline recv_half() {
      :: atomic {
           (ALL_ARRIVED || ANY_MISMATCH) ->
           if
-          :: ANY_MISMATCH ->                          /* :308 -> Call::mismatch (:320-329) */
+          :: ANY_MISMATCH ->                          /* -> Call::mismatch */
              printf("rank %d call %d: mismatch -> kSequenceMismatch\n", me, gcall);
              record(E_MISMATCH); failed = 1; broken = 1
           :: else ->
              printf("rank %d call %d: all %d signals of seq=%d arrived\n", me, gcall, NP, cs);
-             /* The outputs are read right away: write_dispatch_outputs (protocol.cc:445-484, from dispatch_recv
-              * :496) / combine_recv's reduction (:596-609). Reading at the earliest moment finds every unwritten
+             /* The outputs are read right away: write_dispatch_outputs (protocol.cc, from dispatch_recv) /
+              * combine_recv's reduction. Reading at the earliest moment finds every unwritten
               * slot; a later write of another call is caught by property 3 until close_call (README). */
              j = 0;
              do
@@ -383,14 +383,14 @@ inline recv_half() {
         }
 #if TIMEOUTS
      :: atomic {
-          !ALL_ARRIVED ->                             /* :314 -> Call::timeout (:331-347) */
+          !ALL_ARRIVED ->                             /* -> Call::timeout */
           printf("rank %d call %d: timeout -> kTimeout\n", me, gcall);
           record(E_TIMEOUT); failed = 1; broken = 1
         }
 #endif
      fi;
-     /* Call::close_call (protocol.cc:265-270): dispatch_recv :499 / combine_recv :640, and after a failed wait
-      * (dispatch_recv :493 / combine_recv :576). */
+     /* Call::close_call (protocol.cc): dispatch_recv / combine_recv, and after a failed wait
+      * (dispatch_recv / combine_recv). */
      atomic {
        /* (1) completeness, continued: what the receive half read stayed intact until it returned */
        j = 0;
@@ -456,7 +456,7 @@ proctype Rank(byte me) {
      :: else -> skip
      fi;
      /* The handler (cpu_handlers.cc: DispatchImpl / DispatchSendImpl / DispatchRecvImpl and the combine ones)
-      * calls run() (protocol.cc:644-654) with its phases: the send half, then (if it succeeded) the receive half. */
+      * calls run() (protocol.cc) with its phases: the send half, then (if it succeeded) the receive half. */
      if
      :: op == OP_D -> kind = KD; phases = SEND_PHASE + RECV_PHASE
      :: op == OP_C -> kind = KC; phases = SEND_PHASE + RECV_PHASE
@@ -481,8 +481,8 @@ proctype Rank(byte me) {
      :: else -> skip
      fi;
 #ifndef CONTINUE_AFTER_ERROR
-     /* A failed call returns an ffi::Error (cpu_handlers.cc:48-61, to_ffi_error): the XLA execution fails, and
-      * JAX refuses every later call on the buffer until buf.check() (_native_common.py: settle_order_token). */
+     /* A failed call returns an ffi::Error (cpu_handlers.cc, to_ffi_error): the XLA execution fails, and
+      * JAX refuses every later call on the buffer until buf.check() (jax_ll_ep/_jax_internals.py: settle_order_token). */
      if
      :: failed -> break
      :: else -> skip

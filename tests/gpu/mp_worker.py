@@ -50,9 +50,9 @@ FP8_FORMATS = ("float", "pow2", "ue8m0")
 
 
 def client():
-    from jax._src import distributed
+    from jax_ll_ep._jax_internals import distributed_client
 
-    return distributed.global_state.client
+    return distributed_client()
 
 
 def barrier(name: str) -> None:
@@ -87,7 +87,7 @@ def local(arr) -> np.ndarray:
     return np.asarray(arr.addressable_shards[0].data)
 
 
-def make_buffer(mesh=None, *, num_experts, max_tokens, hidden, timeout_s=TIMEOUT_S):
+def make_buffer(mesh=None, *, num_experts, max_tokens, hidden, timeout_s=TIMEOUT_S, cuda=None):
     return ep.Buffer(
         mesh if mesh is not None else mesh_1d(),
         "ep",
@@ -96,6 +96,7 @@ def make_buffer(mesh=None, *, num_experts, max_tokens, hidden, timeout_s=TIMEOUT
         hidden=hidden,
         backend=os.environ.get("JAX_LL_EP_SUITE_BACKEND", "cuda"),  # "cpu": dry-run the suite's logic without a GPU
         timeout_s=timeout_s,
+        cuda=cuda,  # (the cpu backend ignores it)
     )
 
 
@@ -432,12 +433,7 @@ def check_graph_replay():
 
 
 def check_put_path():
-    os.environ["JAX_LL_EP_FORCE_PUT"] = "1"
-    try:
-        buf = make_buffer(num_experts=max(8, 2 * R), max_tokens=16, hidden=256)
-    finally:
-        del os.environ["JAX_LL_EP_FORCE_PUT"]
-    with buf:
+    with make_buffer(num_experts=max(8, 2 * R), max_tokens=16, hidden=256, cuda=ep.CudaOptions(force_put=True)) as buf:
         e = buf.num_experts
         rng, xs, topks, ws = make_inputs(1500, num_ranks=R, n=16, hidden=256, topk=4, num_experts=e)
         check_dispatch_combine(buf, xs, topks, ws, rng, where="put bf16")

@@ -1,6 +1,6 @@
 """One process driving every visible GPU: ``python single_process_worker.py OUT_DIR``.
 
-The ``cuda`` backend's peer-access transport (jax_ll_ep/_cuda_backend.py): no jax.distributed, no NVSHMEM, one rank
+The ``cuda`` backend's peer-access transport (jax_ll_ep/backends/cuda.py): no jax.distributed, no NVSHMEM, one rank
 per GPU of the mesh, peers reached through peer access. Runs the round trip against the NumPy oracle (bf16 and the
 three fp8 scale formats, fresh data per call, many calls back to back on one buffer, a 2-D mesh when there are at
 least 4 GPUs) and writes ``OUT_DIR/result.json`` ({check: {"ok", "seconds", "error"?}}). On a one-GPU machine it
@@ -42,7 +42,7 @@ def make_buffer(mesh, axis="ep", case=CASE):
         backend="cuda",
         timeout_s=30.0,
     )
-    assert buf._impl._transport == "peer", buf._impl._transport
+    assert buf.backend.transport == "peer", buf.backend.transport
     return buf
 
 

@@ -42,10 +42,10 @@ class Ctx:
             process_id=args.process_id,
             initialization_timeout=120,
         )
-        from jax._src import distributed
+        from jax_ll_ep._jax_internals import distributed_client
 
         self.jax = jax
-        self.client = distributed.global_state.client
+        self.client = distributed_client()
         self.pid = args.process_id
         self.nproc = args.num_processes
         self.devices = args.devices
@@ -65,7 +65,7 @@ class Ctx:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-device data in a multi-process job (testing.py's shard_per_device / unshard_per_device are single-process)
+# Per-device data in a multi-process job (jax_ll_ep.testing's shard_per_device / unshard_per_device are single-process)
 # ---------------------------------------------------------------------------------------------------------------
 def shard(buf, arrays):
     import jax
@@ -113,10 +113,7 @@ def check_roundtrip(buf, xs, topks, weights, *, fp8=None, split=False, where="")
 
     options = None if fp8 is None else Fp8Options(fp8)
     args = [shard(buf, a) for a in (xs, topks, weights)]
-    if split:
-        out, disp = split_roundtrip_fn(buf, options)(*args)
-    else:
-        out, disp = testing._roundtrip_fn(buf, options, None)(*args)
+    out, disp = testing.roundtrip_fn(buf, options, None, split)(*args)
     outs, got = local_blocks(buf, out), local_dispatch(buf, disp)
     r = buf.num_ranks
     for g in range(testing.num_devices(buf) // r):
@@ -134,25 +131,6 @@ def check_roundtrip(buf, xs, topks, weights, *, fp8=None, split=False, where="")
                 oracle.assert_dispatch_equal(got[i], want[i - sl.start], where=f"{where} device {i}")
                 oracle.assert_bitwise_equal(outs[i], want_out[i - sl.start], what=f"{where} combine device {i}")
     buf.check()
-
-
-_split_fns = {}
-
-
-def split_roundtrip_fn(buf, fp8):
-    import jax_ll_ep as ep
-    from jax_ll_ep import testing
-
-    key = (buf.handle, fp8)
-    if key not in _split_fns:
-
-        def body(x, topk_idx, weights):
-            recv_x, recv_count, handle = ep.dispatch_recv(buf, ep.dispatch_send(buf, x, topk_idx, fp8=fp8))
-            out = ep.combine_recv(buf, ep.combine_send(buf, testing.dequantize(recv_x), topk_idx, weights, handle))
-            return out, testing.dispatch_outputs((recv_x, recv_count, handle))
-
-        _split_fns[key] = testing.per_device_shard_map(buf, body)
-    return _split_fns[key]
 
 
 def make_buffer(ctx, *, dp=0, num_experts=None, max_tokens=8, hidden=128, timeout_s=60.0):
@@ -180,11 +158,12 @@ def scenario_exact(ctx: Ctx):
     import oracle
 
     import jax_ll_ep as ep
-    from jax_ll_ep import _cpu_backend, testing
+    from jax_ll_ep import testing
+    from jax_ll_ep.testing import cpu_hooks
 
     n = ctx.ranks
     with make_buffer(ctx) as buf:
-        assert buf._impl._multiprocess == (ctx.nproc > 1)
+        assert buf.backend.multiprocess == (ctx.nproc > 1)
         xs, topks, weights = case_inputs(n, buf.num_experts, 8, 128, 3, seed=1)
         check_roundtrip(buf, xs, topks, weights, where="bf16")
         xs, topks, weights = case_inputs(n, buf.num_experts, 8, 128, 3, seed=2)
@@ -193,22 +172,22 @@ def scenario_exact(ctx: Ctx):
         check_roundtrip(buf, xs, topks, weights, split=True, where="split")
         log("exact: round trips ok")
 
-        # A slow rank (first, then last) at the sending points: nobody returns before its signals are out.
+        # A slow rank (first, then last) at the sending points: nobody returns before it began storing its signals.
         for slow in (0, n - 1):
             for point in ("before_send", "before_signal"):
-                _cpu_backend.set_test_delays(buf, {(slow, point): (0.1, 0.15)}, seed=slow)
+                cpu_hooks.set_test_delays(buf, {(slow, point): (0.1, 0.15)}, seed=slow)
                 xs, topks, weights = case_inputs(n, buf.num_experts, 8, 128, 3, seed=10 + slow)
                 check_roundtrip(buf, xs, topks, weights, where=f"slow {slow} {point}")
                 stamps = np.max(
-                    np.array(ctx.gather(f"stamps/{slow}/{point}", _cpu_backend.test_stamps(buf).tolist())), axis=0
-                )[0]  # [R, kind, (enter, signalled, returned)]
-                _cpu_backend.clear_test_hooks(buf)
+                    np.array(ctx.gather(f"stamps/{slow}/{point}", cpu_hooks.test_stamps(buf).tolist())), axis=0
+                )[0]  # [R, kind, (enter, signalling, returned)]
+                cpu_hooks.clear_test_hooks(buf)
                 for kind in (0, 1):
                     s = stamps[:, kind]
                     assert np.all(s > 0), s
                     assert s[slow, 1] - s[slow, 0] >= 0.1e9, "the delay did not happen"
                     early = [r for r in range(n) if s[r, 2] < s[slow, 1]]
-                    assert not early, f"ranks {early} returned before slow rank {slow}'s signals ({point}, {kind})"
+                    assert not early, f"ranks {early} returned before slow rank {slow} signalled ({point}, {kind})"
         log("exact: slow ranks ok")
 
         # 500 back-to-back calls inside lax.scan: 250 x (dispatch, combine), fresh data every step.
@@ -234,7 +213,7 @@ def scenario_exact(ctx: Ctx):
                 np.testing.assert_array_equal(counts[i][s], want[i]["recv_count"], err_msg=f"step {s} device {i}")
                 np.testing.assert_array_equal(ranges[i][s], want[i]["layout_range"], err_msg=f"step {s} device {i}")
                 oracle.assert_bitwise_equal(outs[i][s], want_out[i], what=f"scan step {s} device {i}")
-        seqs = _cpu_backend.sequence_numbers(buf)
+        seqs = cpu_hooks.sequence_numbers(buf)
         assert all(seq == (3 * 2 + 4 * 2 + 2 * steps, 0) for seq in seqs.values()), seqs
         log("exact: back-to-back ok")
 
@@ -258,7 +237,7 @@ def scenario_mismatch(ctx: Ctx):
     start = time.monotonic()
     try:
         if ctx.pid == 0:
-            result = testing._dispatch_fn(buf, None)(shard(buf, xs), shard(buf, topks))
+            result = testing.dispatch_fn(buf, None)(shard(buf, xs), shard(buf, topks))
         else:
             none = [np.full_like(t, -1) for t in topks]
             zeros = [np.zeros((e_l, rows), np.int32)] * n
@@ -270,7 +249,7 @@ def scenario_mismatch(ctx: Ctx):
                 [np.zeros((e_l, n, 2), np.int32)] * n,
                 zeros,
             )
-            result = testing._combine_fn(buf)(*(shard(buf, a) for a in args))
+            result = testing.combine_fn(buf)(*(shard(buf, a) for a in args))
         jax.block_until_ready(result)
         raise AssertionError("diverging call sequences were not detected")
     except jax.errors.JaxRuntimeError as exc:
@@ -301,7 +280,7 @@ def scenario_timeout(ctx: Ctx):
     if ctx.pid != absent:
         start = time.monotonic()
         try:
-            jax.block_until_ready(testing._dispatch_fn(buf, None)(shard(buf, xs), shard(buf, topks)))
+            jax.block_until_ready(testing.dispatch_fn(buf, None)(shard(buf, xs), shard(buf, topks)))
             raise AssertionError("the call returned although a process never made it")
         except jax.errors.JaxRuntimeError as exc:
             assert "timed out" in str(exc), exc

@@ -1,7 +1,7 @@
 // Bit-exact number formats of the protocol on the host: bf16, float8_e4m3fn, and the per-128-channel fp8 scales.
 //
 // Everything is float32 IEEE arithmetic with one rounding per operation (the module is built with
-// -ffp-contract=off, so no multiply-add is fused); the semantics are those of the brief and tests/oracle.py.
+// -ffp-contract=off, so no multiply-add is fused); the semantics are those of jax_ll_ep/fp8.py and tests/oracle.py.
 #pragma once
 
 #include <stdint.h>

@@ -64,70 +64,32 @@ class Backoff {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Names and small helpers
+// Small helpers
 // ---------------------------------------------------------------------------------------------------------------
-const char* kind_name(OpKind kind) {
-  switch (kind) {
-    case OpKind::kDispatch:
-      return "dispatch";
-    case OpKind::kCombine:
-      return "combine";
-    default:
-      return "none";
-  }
-}
-
-std::string op_name(OpKind kind, int32_t phases) {
-  std::string name = kind_name(kind);
-  if (phases == kSendPhase) return name + "_send";
-  if (phases == kRecvPhase) return name + "_recv";
-  return name;
-}
-
-template <typename... Args>
-std::string format(const char* fmt, Args... args) {
-  const int n = std::snprintf(nullptr, 0, fmt, args...);
-  std::string out(static_cast<size_t>(n > 0 ? n : 0), '\0');
-  std::snprintf(out.data(), out.size() + 1, fmt, args...);
-  return out;
-}
-
-using ull = unsigned long long;
-
-int32_t ticket_of(uint64_t seq) { return static_cast<int32_t>(seq & 0x7fffffffu); }
-
 uint64_t* signal_slot(const Layout& layout, uint8_t* region, OpKind kind, int parity, int local_expert, int rank) {
   return kind == OpKind::kDispatch ? layout.dispatch_signal(region, parity, local_expert, rank)
                                    : layout.combine_signal(region, parity, local_expert, rank);
 }
 
-// Bytes of a dispatch message that carry data: header + bf16 payload, or header + e4m3 payload + float32 scales.
-int64_t wire_bytes(const Layout& layout, Fp8Mode mode) {
-  const int64_t h = layout.hidden;
-  const int64_t payload = mode == Fp8Mode::kNone ? 2 * h : h + (h + kScaleBlock - 1) / kScaleBlock * 4;
-  return static_cast<int64_t>(sizeof(MessageHeader)) + payload;
-}
-
 // ---------------------------------------------------------------------------------------------------------------
-// Errors: the first problem of a call, recorded in the rank's RankState (first error since the last check).
+// Errors: the first problem of a call, recorded in the rank's RankState (first error since the last check). What
+// each field holds for each code is written beside ErrorCode (errors.h), which also words the message.
 // ---------------------------------------------------------------------------------------------------------------
 struct Fault {
   ErrorCode code = ErrorCode::kOk;
-  int64_t detail = 0;     // routing: the bad expert id; handle: the row; timeout/mismatch: number of pairs
-  int32_t token = -1;     // routing/handle: the token; mismatch: the peer rank
-  int32_t topk_pos = -1;  // routing/handle: the position k; mismatch: the local expert
-  uint64_t signal = 0;    // mismatch: the signal that was found
-  std::string message;
+  int64_t detail = 0;
+  int32_t token = -1;
+  int32_t topk_pos = -1;
+  uint64_t signal = 0;
 
   bool any() const { return code != ErrorCode::kOk; }
   // Keeps the first fault of a call.
-  void note(ErrorCode c, int64_t d, int32_t t, int32_t k, std::string msg) {
+  void note(ErrorCode c, int64_t d, int32_t t, int32_t k) {
     if (any()) return;
     code = c;
     detail = d;
     token = t;
     topk_pos = k;
-    message = std::move(msg);
   }
 };
 
@@ -139,24 +101,38 @@ class Call {
         kind_(kind),
         layout_(g.layout),
         mine_(g.regions[g.rank]),
-        state_(g.layout.state(g.regions[g.rank])),
-        op_(op_name(kind, g.phases)) {}
+        state_(g.layout.state(g.regions[g.rank])) {}
 
   const Layout& layout() const { return layout_; }
   uint8_t* mine() const { return mine_; }
   RankState* state() const { return state_; }
-  const std::string& op() const { return op_; }
-
-  // "dispatch_recv (call seq=7) on rank 2 of group 0"
-  std::string where(uint64_t seq) const {
-    return format("%s (call seq=%llu) on rank %d of group %d", op_.c_str(), static_cast<ull>(seq), g_.rank, env_.group);
-  }
 
   void pause(HookPoint point, uint64_t seq) const {
     if (env_.hooks != nullptr) env_.hooks->pause(env_.group, g_.rank, point, seq);
   }
   void stamp(Stamp which) const {
     if (env_.hooks != nullptr) env_.hooks->stamp(env_.group, g_.rank, kind_ == OpKind::kDispatch ? 0 : 1, which);
+  }
+
+  // `fault` of call `seq` as a Status, worded by errors.h. `missing_pairs` (pair indices) are a timeout's.
+  Status status(uint64_t seq, const Fault& fault, const std::vector<int32_t>* missing_pairs = nullptr) const {
+    if (!fault.any()) return {};
+    ErrorRecord record;
+    record.group = env_.group;
+    record.rank = g_.rank;
+    record.code = fault.code;
+    record.kind = kind_;
+    record.seq = seq;
+    record.detail = fault.detail;
+    record.token = fault.token;
+    record.topk_pos = fault.topk_pos;
+    record.signal = fault.signal;
+    record.num_experts = layout_.num_experts();
+    if (missing_pairs != nullptr) {
+      for (int32_t pair : *missing_pairs)
+        record.missing.emplace_back(pair % layout_.num_ranks, pair / layout_.num_ranks);
+    }
+    return Status{fault.code, describe(record)};
   }
 
   // Records `fault` as the rank's error (if it is the first since the last check) and returns it as a Status.
@@ -173,7 +149,7 @@ class Call {
         state_->error_topk_pos = fault.topk_pos;
         state_->error_signal = fault.signal;
         uint8_t* missing = layout_.missing(mine_);
-        memset(missing, 0, static_cast<size_t>(layout_.num_pairs()));
+        memset(missing, 0, static_cast<size_t>(layout_.num_experts()));
         if (missing_pairs != nullptr) {
           for (int32_t pair : *missing_pairs) missing[pair] = 1;
         }
@@ -183,13 +159,13 @@ class Call {
         state_->unusable = static_cast<uint32_t>(fault.code);  // sticky: see RankState::unusable
       }
     }
-    return Status{fault.code, fault.message};
+    return status(seq, fault, missing_pairs);
   }
 
-  // A split form used out of order. Nothing has been written to any peer.
-  Status misuse(uint64_t seq, const std::string& why) const {
+  // A split form used out of order (`token`: see SplitMisuse). Nothing has been written to any peer.
+  Status misuse(uint64_t seq, SplitMisuse why, int32_t token) const {
     Fault fault;
-    fault.note(ErrorCode::kSplitMisuse, 0, -1, -1, where(seq) + ": " + why);
+    fault.note(ErrorCode::kSplitMisuse, static_cast<int64_t>(why), token, -1);
     return fail(seq, fault);
   }
 
@@ -201,17 +177,11 @@ class Call {
   Status begin_send(uint64_t* seq) const {
     if (state_->unusable != 0) {
       Fault fault;
-      fault.note(ErrorCode::kBufferUnusable, state_->unusable, -1, -1,
-                 where(state_->seq + 1) +
-                     ": an earlier call on this buffer timed out or saw a sequence mismatch, so the ranks' calls "
-                     "can no longer be matched; nothing was sent. Close the buffer and create a new one");
+      fault.note(ErrorCode::kBufferUnusable, state_->unusable, -1, -1);
       return fail(state_->seq + 1, fault);
     }
     if (state_->open_seq != 0) {
-      return misuse(state_->open_seq,
-                    format("a send while call seq=%llu (%s) is still open; call its receive half before the next "
-                           "send on this buffer",
-                           static_cast<ull>(state_->open_seq), kind_name(static_cast<OpKind>(state_->open_kind))));
+      return misuse(state_->open_seq, SplitMisuse::kSendWhileOpen, static_cast<int32_t>(state_->open_kind));
     }
     *seq = state_->seq + 1;
     return {};
@@ -233,53 +203,22 @@ class Call {
   // belongs to another call.
   Status begin_recv(uint64_t* seq) const {
     const uint64_t open = state_->open_seq;
-    if (open == 0) {
-      return misuse(state_->seq + 1, "no " + std::string(kind_name(kind_)) + "_send is open; call " + kind_name(kind_) +
-                                         "_send first (one receive per send)");
-    }
+    if (open == 0) return misuse(state_->seq + 1, SplitMisuse::kNoOpenCall, -1);
     if (state_->open_kind != static_cast<uint32_t>(kind_)) {
-      return misuse(open, format("the open call (seq=%llu) is a %s, not a %s; finish it with %s_recv first",
-                                 static_cast<ull>(open), kind_name(static_cast<OpKind>(state_->open_kind)),
-                                 kind_name(kind_), kind_name(static_cast<OpKind>(state_->open_kind))));
+      return misuse(open, SplitMisuse::kOtherKindOpen, static_cast<int32_t>(state_->open_kind));
     }
     if (g_.ticket_in != nullptr && *g_.ticket_in != ticket_of(open)) {
-      return misuse(open, format("the ticket is from call seq=%d but the open call is seq=%llu; pass the value "
-                                 "returned by the matching send",
-                                 *g_.ticket_in, static_cast<ull>(open)));
+      return misuse(open, SplitMisuse::kWrongTicket, *g_.ticket_in);
     }
     *seq = open;
     return {};
   }
 
   // The send half's fault, as recorded by open_call (already in the error record).
-  Fault open_fault(uint64_t seq) const {
+  Fault open_fault() const {
     Fault fault;
-    if (state_->open_error == 0) return fault;
-    const auto code = static_cast<ErrorCode>(state_->open_error);
-    const int32_t t = state_->open_error_token;
-    const int32_t k = state_->open_error_topk_pos;
-    const int64_t d = state_->open_error_detail;
-    const int32_t num_experts = layout_.num_ranks * layout_.num_local_experts;
-    std::string msg;
-    if (code == ErrorCode::kInvalidExpert) {
-      msg = format("topk_idx[%d, %d] = %lld is outside [-1, %d); the entry was treated as -1", t, k,
-                   static_cast<long long>(d), num_experts);
-    } else if (code == ErrorCode::kDuplicateExpert) {
-      msg = format("topk_idx[%d, %d] = %lld repeats an earlier expert of token %d; the repeat was treated as -1", t, k,
-                   static_cast<long long>(d), t);
-    } else if (d < 0) {
-      const int64_t pair = -1 - d;
-      msg = format(
-          "handle.layout_range[%lld, %lld] = (%d, %d) is outside the receive layout; its rows were not "
-          "sent (pass the handle returned by dispatch unchanged)",
-          static_cast<long long>(pair / layout_.num_ranks), static_cast<long long>(pair % layout_.num_ranks), t, k);
-    } else {
-      msg = format(
-          "handle row %lld has src_info=%d, src_topk_pos=%d, outside [0, T) x [0, %d); the row was not "
-          "sent (pass the handle returned by dispatch unchanged)",
-          static_cast<long long>(d), t, k, kMaxTopk);
-    }
-    fault.note(code, d, t, k, where(seq) + ": " + msg + " (the call completed on every rank)");
+    fault.note(static_cast<ErrorCode>(state_->open_error), state_->open_error_detail, state_->open_error_token,
+               state_->open_error_topk_pos);
     return fault;
   }
 
@@ -299,7 +238,7 @@ class Call {
     const int parity = parity_of(seq);
     const int32_t num_ranks = layout_.num_ranks;
     const OpKind other = kind_ == OpKind::kDispatch ? OpKind::kCombine : OpKind::kDispatch;
-    std::vector<int32_t> pending(static_cast<size_t>(layout_.num_pairs()));
+    std::vector<int32_t> pending(static_cast<size_t>(layout_.num_experts()));
     std::iota(pending.begin(), pending.end(), 0);
     counts->assign(pending.size(), 0);
     const auto start = Clock::now();
@@ -341,30 +280,14 @@ class Call {
  private:
   Status mismatch(uint64_t seq, int rank, int local_expert, uint64_t signal) const {
     Fault fault;
-    fault.note(ErrorCode::kSequenceMismatch, 1, rank, local_expert,
-               where(seq) + format(": rank %d signalled local expert %d for its call seq=%u (%s); the ranks issued "
-                                   "different sequences of calls on this buffer (every rank must make the same "
-                                   "calls in the same order)",
-                                   rank, local_expert, signal_seq(signal), kind_name(signal_kind(signal))));
+    fault.note(ErrorCode::kSequenceMismatch, 1, rank, local_expert);
     fault.signal = signal;
     return fail(seq, fault);
   }
 
   Status timeout(uint64_t seq, const std::vector<int32_t>& pending) const {
-    const int32_t num_ranks = layout_.num_ranks;
-    std::string pairs;
-    const size_t shown = pending.size() < 16 ? pending.size() : 16;
-    for (size_t i = 0; i < shown; ++i) {
-      pairs += format("%s(rank %d, local expert %d)", i ? ", " : "", pending[i] % num_ranks, pending[i] / num_ranks);
-    }
-    if (shown < pending.size()) pairs += format(" and %zu more", pending.size() - shown);
     Fault fault;
-    fault.note(
-        ErrorCode::kTimeout, static_cast<int64_t>(pending.size()), -1, -1,
-        where(seq) + format(": timed out after %g s waiting for %zu of %lld signals; never came: %s. A peer "
-                            "did not make this call or is more than timeout_s late; this buffer is no "
-                            "longer usable, create a new one",
-                            g_.timeout_s, pending.size(), static_cast<long long>(layout_.num_pairs()), pairs.c_str()));
+    fault.note(ErrorCode::kTimeout, static_cast<int64_t>(pending.size()), -1, -1);
     return fail(seq, fault, &pending);
   }
 
@@ -374,7 +297,6 @@ class Call {
   const Layout& layout_;
   uint8_t* mine_;
   RankState* state_;
-  std::string op_;
 };
 
 // The expert chosen by entry (token, k), or -1 for "no expert": -1 itself, an id outside [-1, E) (an error), or an
@@ -383,12 +305,12 @@ int32_t routed_expert(const int32_t* row, int32_t k, int32_t num_experts, int32_
   const int32_t expert = row[k];
   if (expert == -1) return -1;
   if (expert < -1 || expert >= num_experts) {
-    fault->note(ErrorCode::kInvalidExpert, expert, token, k, "");
+    fault->note(ErrorCode::kInvalidExpert, expert, token, k);
     return -1;
   }
   for (int32_t j = 0; j < k; ++j) {
     if (row[j] == expert) {
-      fault->note(ErrorCode::kDuplicateExpert, expert, token, k, "");
+      fault->note(ErrorCode::kDuplicateExpert, expert, token, k);
       return -1;
     }
   }
@@ -420,8 +342,8 @@ Status dispatch_send(const Call& call, const GroupArgs& g, const DispatchArgs& a
   if (Status refused = call.begin_send(&seq); !refused.ok()) return refused;
   const int parity = parity_of(seq);
   const int32_t e_local = layout.num_local_experts;
-  const int32_t num_experts = layout.num_ranks * e_local;
-  const int64_t bytes = wire_bytes(layout, a.fp8_mode);
+  const int32_t num_experts = static_cast<int32_t>(layout.num_experts());
+  const int64_t bytes = layout.wire_bytes(a.fp8_mode);
   call.stamp(Stamp::kEnter);
   call.pause(HookPoint::kBeforeSend, seq);
 
@@ -443,6 +365,7 @@ Status dispatch_send(const Call& call, const GroupArgs& g, const DispatchArgs& a
     }
   }
   call.pause(HookPoint::kBeforeSignal, seq);
+  call.stamp(Stamp::kSignalling);
 
   // Signals: every (destination rank, local expert) pair, zero-token pairs included (completeness).
   for (int32_t dst = 0; dst < layout.num_ranks; ++dst) {
@@ -452,7 +375,6 @@ Status dispatch_send(const Call& call, const GroupArgs& g, const DispatchArgs& a
                     encode_signal(seq, OpKind::kDispatch, static_cast<uint32_t>(sent[dst * e_local + e])));
     }
   }
-  call.stamp(Stamp::kSignalled);
   if (fault.any()) call.fail(seq, fault);  // recorded now; the receive half reports it once the call completed
   call.open_call(seq, fault);
   return {};
@@ -462,8 +384,8 @@ void write_dispatch_outputs(const Call& call, const DispatchArgs& a, int parity,
   const Layout& layout = call.layout();
   const int32_t num_ranks = layout.num_ranks;
   const int64_t h = layout.hidden;
-  const int64_t rows = static_cast<int64_t>(num_ranks) * layout.max_tokens;
-  const int64_t num_scales = (h + kScaleBlock - 1) / kScaleBlock;
+  const int64_t rows = layout.recv_rows();
+  const int64_t num_scales = layout.num_scales();
   for (int32_t e = 0; e < layout.num_local_experts; ++e) {
     int32_t offset = 0;
     // Rows by source rank, then by slot = the source's token order: the deterministic layout.
@@ -511,9 +433,9 @@ Status dispatch_recv(const Call& call, const DispatchArgs& a) {
   }
   write_dispatch_outputs(call, a, parity_of(seq), counts);
   call.stamp(Stamp::kReturned);
-  const Fault fault = call.open_fault(seq);
+  const Fault fault = call.open_fault();
   call.close_call(seq);
-  return Status{fault.code, fault.message};
+  return call.status(seq, fault);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -526,14 +448,14 @@ Status combine_send(const Call& call, const GroupArgs& g, const CombineArgs& a) 
   const int parity = parity_of(seq);
   const int32_t num_ranks = layout.num_ranks;
   const int32_t max_tokens = layout.max_tokens;
-  const int64_t rows = static_cast<int64_t>(num_ranks) * max_tokens;
+  const int64_t rows = layout.recv_rows();
   const int64_t row_bytes = layout.combine_row_bytes;
   call.stamp(Stamp::kEnter);
   call.pause(HookPoint::kBeforeSend, seq);
 
   // Data: row i of local expert e came from source rank r (layout_range) as its token src_info[i], choice
   // src_topk_pos[i]; it goes back to that rank's combine slot (token, k). Entries outside the layout are skipped.
-  std::vector<int32_t> sent(static_cast<size_t>(layout.num_pairs()), 0);
+  std::vector<int32_t> sent(static_cast<size_t>(layout.num_experts()), 0);
   Fault fault;
   for (int32_t e = 0; e < layout.num_local_experts; ++e) {
     for (int32_t r = 0; r < num_ranks; ++r) {
@@ -541,7 +463,7 @@ Status combine_send(const Call& call, const GroupArgs& g, const CombineArgs& a) 
       const int32_t offset = range[0];
       const int32_t count = range[1];
       if (offset < 0 || count < 0 || count > max_tokens || offset > rows - count) {
-        fault.note(ErrorCode::kInvalidHandle, -1 - layout.pair_index(e, r), offset, count, "");
+        fault.note(ErrorCode::kInvalidHandle, -1 - layout.pair_index(e, r), r, e);
         continue;
       }
       for (int64_t i = offset; i < offset + count; ++i) {
@@ -549,7 +471,7 @@ Status combine_send(const Call& call, const GroupArgs& g, const CombineArgs& a) 
         const int32_t token = a.src_info[row];
         const int32_t k = a.src_topk_pos[row];
         if (token < 0 || token >= max_tokens || k < 0 || k >= kMaxTopk) {
-          fault.note(ErrorCode::kInvalidHandle, row, token, k, "");
+          fault.note(ErrorCode::kInvalidHandle, row, token, k);
           continue;
         }
         memcpy(layout.combine_row(g.regions[r], parity, token, k), a.y + row * layout.hidden,
@@ -559,6 +481,7 @@ Status combine_send(const Call& call, const GroupArgs& g, const CombineArgs& a) 
     }
   }
   call.pause(HookPoint::kBeforeSignal, seq);
+  call.stamp(Stamp::kSignalling);
 
   // Signals: every (source rank, local expert) pair, zero-row pairs included (completeness).
   for (int32_t r = 0; r < num_ranks; ++r) {
@@ -568,7 +491,6 @@ Status combine_send(const Call& call, const GroupArgs& g, const CombineArgs& a) 
                     encode_signal(seq, OpKind::kCombine, static_cast<uint32_t>(sent[layout.pair_index(e, r)])));
     }
   }
-  call.stamp(Stamp::kSignalled);
   if (fault.any()) call.fail(seq, fault);  // recorded now; the receive half reports it
   call.open_call(seq, fault);
   return {};
@@ -590,7 +512,7 @@ Status combine_recv(const Call& call, const CombineArgs& a) {
   // The valid choices of each token (routing errors treated as -1, exactly as dispatch did), and how many rows
   // each (local expert, owner rank) pair must therefore have sent back.
   const int32_t e_local = layout.num_local_experts;
-  const int32_t num_experts = layout.num_ranks * e_local;
+  const int32_t num_experts = static_cast<int32_t>(layout.num_experts());
   std::vector<int32_t> experts(static_cast<size_t>(a.num_tokens) * a.num_topk);
   std::vector<uint32_t> expected(counts.size(), 0);
   Fault routing;
@@ -620,35 +542,23 @@ Status combine_recv(const Call& call, const CombineArgs& a) {
   call.stamp(Stamp::kReturned);
 
   // Report, in order of cause: the send half's fault, a routing error, then rows that did not match topk_idx.
-  Fault fault = call.open_fault(seq);
+  Fault fault = call.open_fault();
   if (routing.any()) {
-    routing.message =
-        call.where(seq) +
-        (routing.code == ErrorCode::kInvalidExpert
-             ? format(": topk_idx[%d, %d] = %lld is outside [-1, %d); the entry was treated as -1", routing.token,
-                      routing.topk_pos, static_cast<long long>(routing.detail), num_experts)
-             : format(": topk_idx[%d, %d] = %lld repeats an earlier expert of token %d; the repeat "
-                      "was treated as -1",
-                      routing.token, routing.topk_pos, static_cast<long long>(routing.detail), routing.token));
     call.fail(seq, routing);
     if (!fault.any()) fault = routing;
   }
   if (!fault.any()) {
+    // A pair whose owner returned another number of rows than this rank's topk_idx chose: the handle and topk_idx
+    // are not from the same dispatch.
     for (int32_t pair = 0; pair < static_cast<int32_t>(counts.size()); ++pair) {
       if (counts[pair] == expected[pair]) continue;
-      const int32_t r = pair % layout.num_ranks;
-      const int32_t e = pair / layout.num_ranks;
-      fault.note(ErrorCode::kInvalidHandle, pair, r, e,
-                 call.where(seq) + format(": rank %d returned %u rows of its local expert %d but this rank's "
-                                          "topk_idx chose that expert for %u tokens; the handle and topk_idx "
-                                          "passed to combine must come from the same dispatch",
-                                          r, counts[pair], e, expected[pair]));
+      fault.note(ErrorCode::kInvalidHandle, pair, pair % layout.num_ranks, pair / layout.num_ranks);
       call.fail(seq, fault);
       break;
     }
   }
   call.close_call(seq);
-  return Status{fault.code, fault.message};
+  return call.status(seq, fault);
 }
 
 template <typename Args, typename Send, typename Recv>

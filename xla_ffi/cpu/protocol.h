@@ -8,7 +8,7 @@
 //                 included, each with a release store after the data it announces;
 //   receive half  acquire-load until all E_l x R signals of this call are there (bounded by timeout_s), then read
 //                 the receive region [parity] into the outputs and advance state.seq.
-// docs/protocol.md gives the argument that this meets every requirement of DESIGN.md section 4.
+// docs/protocol.md gives the argument that this meets every requirement of the protocol.
 #pragma once
 
 #include <stdint.h>
@@ -18,12 +18,13 @@
 
 #include "cpu/test_hooks.h"
 #include "jax_ll_ep/args.h"
+#include "jax_ll_ep/errors.h"
 #include "jax_ll_ep/layout.h"
 
 namespace jax_ll_ep::cpu {
 
-// The outcome of a call. A non-kOk code has also been recorded in the rank's RankState (first error since the
-// last check) so that buf.check() in Python can raise it as a typed exception.
+// The outcome of a call, worded by errors.h. A non-kOk code has also been recorded in the rank's RankState (first
+// error since the last check) so that buf.check() in Python can raise it as a typed exception.
 struct Status {
   ErrorCode code = ErrorCode::kOk;
   std::string message;

@@ -105,7 +105,6 @@ std::string Registry::create(const CreateArgs& args) {
   auto entry = std::make_shared<BufferEntry>();
   entry->handle = args.handle;
   entry->layout = layout;
-  entry->num_experts = args.num_experts;
   entry->num_groups = args.num_groups;
   entry->timeout_s = args.timeout_s;
   for (const auto& [device, where] : args.devices) {
@@ -199,26 +198,7 @@ std::vector<ErrorRecord> Registry::errors(int64_t handle, bool clear) {
     uint8_t* region = entry->region(where.group, where.rank);
     RankState* st = layout.state(region);
     if (st->error_count == 0) continue;
-    ErrorRecord rec;
-    rec.group = where.group;
-    rec.rank = where.rank;
-    rec.code = st->error_code;
-    rec.kind = st->error_kind;
-    rec.seq = st->error_seq;
-    rec.detail = st->error_detail;
-    rec.count = st->error_count;
-    rec.token = st->error_token;
-    rec.topk_pos = st->error_topk_pos;
-    rec.signal = st->error_signal;
-    const uint8_t* missing = layout.missing(region);
-    if (st->error_code == static_cast<uint32_t>(ErrorCode::kTimeout)) {
-      for (int32_t e = 0; e < layout.num_local_experts; ++e) {
-        for (int32_t r = 0; r < layout.num_ranks; ++r) {
-          if (missing[layout.pair_index(e, r)]) rec.missing.emplace_back(r, e);
-        }
-      }
-    }
-    out.push_back(std::move(rec));
+    out.push_back(read_record(*st, layout.missing(region), layout, where.group, where.rank));
     if (clear) {
       st->error_code = 0;
       st->error_kind = 0;
@@ -228,7 +208,7 @@ std::vector<ErrorRecord> Registry::errors(int64_t handle, bool clear) {
       st->error_token = -1;
       st->error_topk_pos = -1;
       st->error_signal = 0;
-      memset(layout.missing(region), 0, static_cast<size_t>(layout.num_pairs()));
+      memset(layout.missing(region), 0, static_cast<size_t>(layout.num_experts()));
     }
   }
   return out;

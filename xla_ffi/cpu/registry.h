@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu/test_hooks.h"
+#include "jax_ll_ep/errors.h"
 #include "jax_ll_ep/layout.h"
 
 namespace jax_ll_ep::cpu {
@@ -59,7 +60,6 @@ struct DeviceRank {
 struct BufferEntry {
   int64_t handle = 0;
   Layout layout = {};
-  int32_t num_experts = 0;
   int32_t num_groups = 0;
   double timeout_s = 0.0;
   std::unique_ptr<Mapping> memory;
@@ -68,21 +68,6 @@ struct BufferEntry {
   std::mutex record_lock;                           // the error records of this process's ranks
 
   uint8_t* region(int32_t group, int32_t rank) const { return regions[group][rank]; }
-};
-
-// The first error a rank recorded since the last check (RankState's record, plus the missing table).
-struct ErrorRecord {
-  int32_t group = 0;
-  int32_t rank = 0;
-  uint32_t code = 0;
-  uint32_t kind = 0;
-  uint64_t seq = 0;
-  int64_t detail = 0;
-  uint32_t count = 0;
-  int32_t token = -1;
-  int32_t topk_pos = -1;
-  uint64_t signal = 0;
-  std::vector<std::pair<int32_t, int32_t>> missing;  // (rank, local expert) pairs of a timeout
 };
 
 struct CreateArgs {

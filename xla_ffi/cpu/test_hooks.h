@@ -1,6 +1,6 @@
 // Test instrumentation of the CPU protocol: injected delays, a rank that never calls, and timestamps.
 //
-// Installed only by tests (jax_ll_ep._cpu_backend.set_test_delays / set_test_skip); in normal operation a call's
+// Installed only by tests (jax_ll_ep/testing/cpu_hooks.py); in normal operation a call's
 // hooks pointer is null and every probe below is a branch on it. A TestHooks object is immutable once installed
 // (the registry swaps in a new one); only the timestamps change, and they are atomics.
 #pragma once
@@ -20,13 +20,16 @@ enum class HookPoint : int32_t {
   kBeforeRecv = 2,    // before the receive half starts waiting
 };
 inline constexpr int kNumHookPoints = 3;
+inline constexpr const char* kHookPointNames[kNumHookPoints] = {"before_send", "before_signal", "before_recv"};
 
 // Timestamps of a rank's most recent dispatch and most recent combine (steady clock, nanoseconds; comparable across
 // the processes of one host).
 enum class Stamp : int32_t {
-  kEnter = 0,      // the call started
-  kSignalled = 1,  // the send half stored its last signal
-  kReturned = 2,   // the receive half finished writing its outputs
+  kEnter = 0,       // the call started
+  kSignalling = 1,  // the send half is about to store its first signal: every signal of the call is stored later,
+                    // so no peer can complete the call before this time (a stamp taken after the stores would not
+                    // bound anything: a peer may finish as soon as its own signal is out)
+  kReturned = 2,    // the receive half finished writing its outputs
 };
 inline constexpr int kNumStamps = 3;
 

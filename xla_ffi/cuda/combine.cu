@@ -60,7 +60,7 @@ __device__ __forceinline__ void count_row_done(const CudaGroup& g, const SendCon
 
 __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* smem, uint64_t seq, bool direct) {
   const Layout& l = g.group.layout;
-  const int num_pairs = static_cast<int>(l.num_pairs());
+  const int num_pairs = static_cast<int>(l.num_experts());
   const int num_ranks = l.num_ranks, rank = g.group.rank;
   const int64_t rows = static_cast<int64_t>(num_ranks) * l.max_tokens;
   const SendTables s{smem, smem + num_pairs, smem + 2 * num_pairs + 1};
@@ -124,14 +124,16 @@ struct RecvTables {
   float* weights;       // [kTopkTile] topk_weights, when all of topk_idx fits one tile
 };
 
-__host__ __device__ __forceinline__ int64_t send_table_words(const Layout& l) { return 2 * l.num_pairs() + 1 + kWarp; }
+__host__ __device__ __forceinline__ int64_t send_table_words(const Layout& l) {
+  return 2 * l.num_experts() + 1 + kWarp;
+}
 __host__ __device__ __forceinline__ int64_t recv_table_words(const Layout& l) {
-  return 2 * l.num_pairs() + l.num_local_experts + static_cast<int64_t>(l.num_local_experts) * words_per_expert(l) +
+  return 2 * l.num_experts() + l.num_local_experts + static_cast<int64_t>(l.num_local_experts) * words_per_expert(l) +
          2 * kTopkTile;
 }
 
 __device__ __forceinline__ RecvTables recv_tables(const Layout& l, int32_t* smem) {
-  const int num_pairs = static_cast<int>(l.num_pairs());
+  const int num_pairs = static_cast<int>(l.num_experts());
   RecvTables r;
   r.count = smem + send_table_words(l);
   r.expected = r.count + num_pairs;
@@ -148,7 +150,7 @@ __device__ __forceinline__ RecvTables recv_tables(const Layout& l, int32_t* smem
 // ---------------------------------------------------------------------------------------------------------------
 __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* smem, uint64_t seq, bool direct) {
   const Layout& l = g.group.layout;
-  const int num_pairs = static_cast<int>(l.num_pairs());
+  const int num_pairs = static_cast<int>(l.num_experts());
   const int num_ranks = l.num_ranks, num_local = l.num_local_experts, rank = g.group.rank;
   const int num_experts = num_local * num_ranks;
   const int words = words_per_expert(l);

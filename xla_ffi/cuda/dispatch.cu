@@ -38,7 +38,7 @@ constexpr float kAmaxFloor = 1e-4f;
 
 __device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 
-// Scale and its inverse for one 128-channel block (the brief's exact float32 semantics, no FMA).
+// Scale and its inverse for one 128-channel block (the exact float32 semantics of jax_ll_ep/fp8.py, no FMA).
 template <Fp8Mode kMode>
 __device__ __forceinline__ void fp8_scales(float amax, float& scale, float& inv) {
   if constexpr (kMode == Fp8Mode::kFloatScale) {
@@ -350,7 +350,7 @@ __device__ void signal_empty_experts(const CudaGroup& g, const SendContext& sc, 
 // Shared memory: the send half's tables (staged topk tile, masks, counts per expert), then the receive half's
 // (counts and their scan per pair). Separate, because a fused call's receive half reads the send half's counts.
 __host__ __device__ __forceinline__ int64_t send_table_words(const Layout& l) {
-  const int64_t num_experts = static_cast<int64_t>(l.num_local_experts) * l.num_ranks;
+  const int64_t num_experts = l.num_experts();
   return kTopkTile + num_experts * words_per_expert(l) + num_experts;
 }
 __device__ __forceinline__ int32_t* send_counts(const Layout& l, uint32_t* smem) {
@@ -389,7 +389,7 @@ __device__ void send_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
 template <Fp8Mode kMode>
 __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* smem, uint64_t seq, bool direct) {
   const Layout& l = g.group.layout;
-  const int num_pairs = static_cast<int>(l.num_pairs());
+  const int num_pairs = static_cast<int>(l.num_experts());
   const int num_ranks = l.num_ranks, rank = g.group.rank;
   const int32_t* own_count = send_counts(l, smem) + rank * l.num_local_experts;  // fused call: [E_l]
   int32_t* count = reinterpret_cast<int32_t*>(smem + send_table_words(l));       // [P], p = local_expert * R + rank
@@ -398,7 +398,7 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
   const int lane = lane_id();
   uint8_t* local = g.local_region;
   const int parity = parity_of(seq);
-  const int64_t rows = static_cast<int64_t>(num_ranks) * l.max_tokens;
+  const int64_t rows = l.recv_rows();
   if (threadIdx.x < kWarp) {
     const WaitContext w{
         l.state(local), g.error_flag, l.missing(local), seq, OpKind::kDispatch, timeout_deadline(g.group.timeout_s),
@@ -467,7 +467,7 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
 __device__ void write_empty_layout(const Layout& l, const DispatchArgs& a) {
   if (blockIdx.x != 0) return;
 #pragma unroll 1
-  for (int p = threadIdx.x; p < l.num_pairs(); p += blockDim.x) {
+  for (int p = threadIdx.x; p < l.num_experts(); p += blockDim.x) {
     a.layout_range[2 * p] = 0;
     a.layout_range[2 * p + 1] = 0;
   }
@@ -504,7 +504,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(CudaGroup g, Dispatc
 }  // namespace cuda
 
 size_t dispatch_smem_bytes(const Layout& l) {
-  return static_cast<size_t>(cuda::kPlanBytes + 4 * (cuda::send_table_words(l) + 2 * l.num_pairs() + 1 + cuda::kWarp));
+  return static_cast<size_t>(cuda::kPlanBytes +
+                             4 * (cuda::send_table_words(l) + 2 * l.num_experts() + 1 + cuda::kWarp));
 }
 
 cudaError_t prepare_dispatch_kernel(int max_dynamic_smem, size_t smem, int* blocks_per_sm) {
@@ -527,7 +528,7 @@ cudaError_t prepare_dispatch_kernel(int max_dynamic_smem, size_t smem, int* bloc
 cudaError_t run_dispatch(const CudaGroup& g, const DispatchArgs& args, cudaStream_t stream) {
   using namespace cuda;
   const Layout& l = g.group.layout;
-  const int64_t num_experts = static_cast<int64_t>(l.num_local_experts) * l.num_ranks;
+  const int64_t num_experts = l.num_experts();
   int64_t warps = 1;
   if (g.group.phases & kSendPhase) {
     const int64_t chunks = (l.hidden + kChunk - 1) / kChunk;

@@ -1,5 +1,5 @@
 // The CUDA backend's launchers: plain host functions that enqueue the protocol's kernels on a stream and return
-// the launch status. They know nothing of XLA (the FFI glue in ffi/cuda_module.cc fills the argument structs).
+// the launch status. They know nothing of XLA (the FFI glue in ffi/cuda_handlers.cc fills the argument structs).
 //
 // One call of an op is a send half and a receive half (GroupArgs::phases says which ones run); each op is ONE kernel
 // that runs the halves it is asked for, so a fused call is a single launch:
@@ -14,7 +14,7 @@
 // The call's sequence number and parity live in the rank's RankState (device memory) and are advanced by the
 // kernels (the last block in of each launch), so the launchers hold no per-call host state and may be captured into
 // CUDA graphs. The regions are NVSHMEM symmetric memory, or plain allocations reached through peer access when one
-// process drives every GPU (jax_ll_ep/_cuda_backend.py); the kernels see only peer pointers (or NVSHMEM PEs).
+// process drives every GPU (jax_ll_ep/backends/cuda.py); the kernels see only peer pointers (or NVSHMEM PEs).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -31,7 +31,7 @@ struct CudaWorkspace {
   uint32_t* pair_sent;  // [E] send items finished per destination pair (reset by the lane that completes it)
   uint64_t* trace;      // [kTraceRows][kTraceMarks] phase times of recent calls (CudaGroup::trace), else unused
 };
-// Phase trace (performance work only, JAX_LL_EP_TRACE=1 at buffer creation): block 0 records %globaltimer at the
+// Phase trace (performance work only, CudaOptions(trace=True) at buffer creation): block 0 records %globaltimer at the
 // phase boundaries of each call into row seq % kTraceRows; the latest block end is the exit. Word 0 of a row is
 // (seq << 8) | OpKind, so a reader can tell which call a row belongs to.
 inline constexpr int kTraceRows = 64;
@@ -85,8 +85,8 @@ cudaError_t run_combine(const CudaGroup& g, const CombineArgs& args, cudaStream_
 // stream reaches it.
 cudaError_t record_timestamp(uint32_t* out, cudaStream_t stream);
 
-// NVSHMEM device state of this module (nvshmem4py initializes only the host library; see
-// shared/reference/jax-ffi-nvshmem-facts.md section 5). Reference counted by NVSHMEM itself.
+// NVSHMEM device state of this module (nvshmem4py initializes only the host library; docs/cuda.md). Reference
+// counted by NVSHMEM itself.
 int nvshmem_module_init();
 void nvshmem_module_finalize();
 

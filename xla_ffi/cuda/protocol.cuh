@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "cuda/launch.h"
+#include "jax_ll_ep/errors.h"
 #include "jax_ll_ep/layout.h"
 
 namespace jax_ll_ep {
@@ -118,9 +119,6 @@ struct CallState {
   uint32_t open_kind;
   uint32_t unusable;  // RankState::unusable (sticky)
 };
-
-// The split forms' ticket: the call's sequence number, low 31 bits (as the cpu backend).
-__host__ __device__ __forceinline__ int32_t ticket_of(uint64_t seq) { return static_cast<int32_t>(seq & 0x7fffffffu); }
 
 // What a launch does, decided identically by every block from the state it read at entry.
 struct CallPlan {

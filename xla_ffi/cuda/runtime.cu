@@ -5,15 +5,9 @@
 #include "cuda/launch.h"
 
 namespace jax_ll_ep {
-namespace {
-
-int64_t num_experts(const Layout& l) { return static_cast<int64_t>(l.num_local_experts) * l.num_ranks; }
-
-}  // namespace
-
 int64_t workspace_bytes(const Layout& l) {
   return align_up(4, kRegionAlign) + align_up(kNumParities * 4, kRegionAlign) +
-         align_up(num_experts(l) * 4, kRegionAlign) + align_up(kTraceRows * kTraceMarks * 8, kRegionAlign);
+         align_up(l.num_experts() * 4, kRegionAlign) + align_up(kTraceRows * kTraceMarks * 8, kRegionAlign);
 }
 
 CudaWorkspace carve_workspace(void* base, const Layout& l) {
@@ -24,7 +18,7 @@ CudaWorkspace carve_workspace(void* base, const Layout& l) {
   w.queue = reinterpret_cast<uint32_t*>(p);
   p += align_up(kNumParities * 4, kRegionAlign);
   w.pair_sent = reinterpret_cast<uint32_t*>(p);
-  p += align_up(num_experts(l) * 4, kRegionAlign);
+  p += align_up(l.num_experts() * 4, kRegionAlign);
   w.trace = reinterpret_cast<uint64_t*>(p);
   return w;
 }

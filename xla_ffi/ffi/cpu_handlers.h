@@ -1,11 +1,12 @@
-// The CPU backend's XLA FFI handler symbols (defined in cpu_handlers.cc, registered by cpu_module.cc).
+// The CPU platform's handlers of the FFI targets (ffi/targets.h), for cpu_module.cc to register.
 #pragma once
 
-#include "xla/ffi/api/ffi.h"
+#include <array>
 
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxLlEpCpuDispatch);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxLlEpCpuDispatchSend);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxLlEpCpuDispatchRecv);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxLlEpCpuCombine);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxLlEpCpuCombineSend);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxLlEpCpuCombineRecv);
+#include "ffi/targets.h"
+
+namespace jax_ll_ep::cpu {
+
+std::array<TargetHandler, kNumTargets> cpu_target_handlers();
+
+}  // namespace jax_ll_ep::cpu

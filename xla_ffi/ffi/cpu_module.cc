@@ -1,5 +1,7 @@
-// The nanobind module _jax_ll_ep_cpu: the FFI registration table of the CPU backend and the registry functions that
-// jax_ll_ep/_cpu_backend.py calls (create/destroy buffers, sizes, shared memory, error records, test hooks).
+// The nanobind module _jax_ll_ep_cpu: the CPU backend's FFI targets, the registry functions that
+// jax_ll_ep/backends/cpu.py calls (create/destroy buffers, sizes, shared memory, error records), the test hooks
+// (jax_ll_ep/testing/cpu_hooks.py), and the constants and error texts every backend reads from here
+// (jax_ll_ep/_extension.py): limits.h, Fp8Mode, errors.h.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -14,7 +16,10 @@
 #include "cpu/registry.h"
 #include "cpu/test_hooks.h"
 #include "ffi/cpu_handlers.h"
+#include "ffi/records.h"
+#include "jax_ll_ep/errors.h"
 #include "jax_ll_ep/layout.h"
+#include "jax_ll_ep/limits.h"
 
 namespace nb = nanobind;
 using namespace jax_ll_ep;
@@ -22,13 +27,26 @@ using namespace jax_ll_ep::cpu;
 
 namespace {
 
-template <typename Fn>
-nb::capsule handler_capsule(Fn* fn) {
-  return nb::capsule(reinterpret_cast<void*>(fn));
-}
-
 void raise_if(const std::string& error) {
   if (!error.empty()) throw std::runtime_error(error);
+}
+
+// The record the xla backend hands over for wording (it counts no calls: seq 0), as errors.h's.
+ErrorRecord routing_record(const std::string& code, int32_t group, int32_t rank, int64_t expert, int32_t token,
+                           int32_t topk_pos, int64_t num_experts) {
+  if (code != "duplicate_expert" && code != "invalid_expert") {
+    throw nb::value_error("describe_routing_error: code must be 'invalid_expert' or 'duplicate_expert'");
+  }
+  ErrorRecord r;
+  r.code = code == "duplicate_expert" ? ErrorCode::kDuplicateExpert : ErrorCode::kInvalidExpert;
+  r.kind = OpKind::kDispatch;
+  r.group = group;
+  r.rank = rank;
+  r.detail = expert;
+  r.token = token;
+  r.topk_pos = topk_pos;
+  r.num_experts = num_experts;
+  return r;
 }
 
 }  // namespace
@@ -36,17 +54,39 @@ void raise_if(const std::string& error) {
 NB_MODULE(_jax_ll_ep_cpu, m) {
   m.doc() = "jax_ll_ep CPU backend: the low-latency protocol over host memory, as XLA FFI handlers";
 
-  // The one registration table: target name -> handler (the same names the CUDA module registers for "CUDA").
+  // The registration table (ffi/targets.h): target name -> handler, the same names the CUDA module registers.
   m.def("ffi_handlers", []() {
     nb::dict handlers;
-    handlers["jax_ll_ep_dispatch"] = handler_capsule(JaxLlEpCpuDispatch);
-    handlers["jax_ll_ep_dispatch_send"] = handler_capsule(JaxLlEpCpuDispatchSend);
-    handlers["jax_ll_ep_dispatch_recv"] = handler_capsule(JaxLlEpCpuDispatchRecv);
-    handlers["jax_ll_ep_combine"] = handler_capsule(JaxLlEpCpuCombine);
-    handlers["jax_ll_ep_combine_send"] = handler_capsule(JaxLlEpCpuCombineSend);
-    handlers["jax_ll_ep_combine_recv"] = handler_capsule(JaxLlEpCpuCombineRecv);
+    for (const TargetHandler& t : cpu_target_handlers()) {
+      handlers[t.name] = nb::capsule(reinterpret_cast<void*>(t.handler));
+    }
     return handlers;
   });
+
+  // Constants (limits.h, layout.h, errors.h, test_hooks.h), so that Python keeps no copies.
+  m.attr("MAX_TOPK") = kMaxTopk;
+  m.attr("SCALE_BLOCK") = kScaleBlock;
+  m.attr("HIDDEN_MULTIPLE") = kHiddenMultiple;
+  m.attr("MAX_RANKS") = kMaxRanks;
+  nb::dict fp8_modes;
+  for (int code = 0; code < kNumFp8Modes; ++code) fp8_modes[kFp8ModeNames[code]] = code;
+  m.attr("FP8_MODES") = fp8_modes;
+  nb::list error_names;
+  for (const ErrorName& e : kErrorNames) error_names.append(e.name);
+  m.attr("ERROR_NAMES") = nb::tuple(error_names);
+  nb::list hook_points;
+  for (const char* name : kHookPointNames) hook_points.append(name);
+  m.attr("HOOK_POINTS") = nb::tuple(hook_points);
+
+  m.def(
+      "describe_routing_error",
+      [](const std::string& code, int32_t group, int32_t rank, int64_t expert, int32_t token, int32_t topk_pos,
+         int64_t num_experts) {
+        return describe(routing_record(code, group, rank, expert, token, topk_pos, num_experts));
+      },
+      nb::arg("code"), nb::arg("group"), nb::arg("rank"), nb::arg("expert"), nb::arg("token"), nb::arg("topk_pos"),
+      nb::arg("num_experts"),
+      "The sentence errors.h gives a routing error of the xla backend ('invalid_expert' or 'duplicate_expert').");
 
   m.def(
       "region_bytes",
@@ -85,22 +125,8 @@ NB_MODULE(_jax_ll_ep_cpu, m) {
       "errors",
       [](int64_t handle, bool clear) {
         nb::list out;
-        for (const ErrorRecord& rec : Registry::instance().errors(handle, clear)) {
-          nb::dict d;
-          d["group"] = rec.group;
-          d["rank"] = rec.rank;
-          d["code"] = rec.code;
-          d["kind"] = rec.kind;
-          d["seq"] = rec.seq;
-          d["detail"] = rec.detail;
-          d["count"] = rec.count;
-          d["token"] = rec.token;
-          d["topk_pos"] = rec.topk_pos;
-          d["signal"] = rec.signal;
-          nb::list missing;
-          for (const auto& [rank, expert] : rec.missing) missing.append(nb::make_tuple(rank, expert));
-          d["missing"] = missing;
-          out.append(d);
+        for (const ErrorRecord& record : Registry::instance().errors(handle, clear)) {
+          out.append(record_to_python(record));
         }
         return out;
       },
@@ -111,8 +137,8 @@ NB_MODULE(_jax_ll_ep_cpu, m) {
       "sequence_numbers", [](int64_t handle) { return Registry::instance().sequence_numbers(handle); },
       nb::arg("handle"), "(group, rank, seq, open_seq) of this process's ranks: the calls each has completed.");
 
-  // Test hooks. delays: (rank, point, min_s, max_s) with point 0 before sending, 1 between data and signals,
-  // 2 before receiving; skip_ranks: ranks whose calls return at once without taking part (a rank that never calls).
+  // Test hooks. delays: (rank, point, min_s, max_s) with point a HookPoint (HOOK_POINTS names them); skip_ranks:
+  // ranks whose calls return at once without taking part (a rank that never calls).
   m.def(
       "set_test_hooks",
       [](int64_t handle, int32_t num_groups, int32_t num_ranks, uint64_t seed,
@@ -141,14 +167,14 @@ NB_MODULE(_jax_ll_ep_cpu, m) {
       [](int64_t handle, int32_t num_groups, int32_t num_ranks) {
         auto hooks = Registry::instance().resolve(handle).hooks;
         if (!hooks) throw nb::value_error("no test hooks installed on this buffer");
-        nb::list out;  // [group][rank][kind: dispatch, combine] -> (enter, signalled, returned), steady-clock ns
+        nb::list out;  // [group][rank][kind: dispatch, combine] -> (enter, signalling, returned), steady-clock ns
         for (int32_t g = 0; g < num_groups; ++g) {
           nb::list ranks;
           for (int32_t r = 0; r < num_ranks; ++r) {
             nb::list kinds;
             for (int32_t kind = 0; kind < 2; ++kind) {
               kinds.append(nb::make_tuple(hooks->stamp_ns(g, r, kind, Stamp::kEnter),
-                                          hooks->stamp_ns(g, r, kind, Stamp::kSignalled),
+                                          hooks->stamp_ns(g, r, kind, Stamp::kSignalling),
                                           hooks->stamp_ns(g, r, kind, Stamp::kReturned)));
             }
             ranks.append(kinds);
@@ -158,6 +184,4 @@ NB_MODULE(_jax_ll_ep_cpu, m) {
         return out;
       },
       nb::arg("handle"), nb::arg("num_groups"), nb::arg("num_ranks"));
-
-  m.attr("MAX_TOPK") = kMaxTopk;
 }

@@ -18,11 +18,13 @@
 //   combine_recv     [2][T][kMaxTopk] rows of H bf16: row (t, k) holds the expert output for this rank's token t and
 //                    its k-th choice.
 //
-// Receive regions and signals are double-buffered by the parity of the call's sequence number (requirement 4 of
-// DESIGN.md section 4); signals carry the sequence number itself (requirement 3), so they are never cleaned.
+// Receive regions and signals are double-buffered by the parity of the call's sequence number (reuse safety,
+// docs/protocol.md); signals carry the sequence number itself (call identity), so they are never cleaned.
 #pragma once
 
 #include <stdint.h>
+
+#include "jax_ll_ep/limits.h"
 
 #if defined(__CUDACC__)
 #define JLE_HD __host__ __device__ __forceinline__
@@ -32,18 +34,19 @@
 
 namespace jax_ll_ep {
 
-inline constexpr int kMaxTopk = 32;           // largest K accepted; the combine receive region has kMaxTopk rows/token
-inline constexpr int kScaleBlock = 128;       // channels per fp8 scale
 inline constexpr int kNumParities = 2;        // double buffering
 inline constexpr int64_t kRegionAlign = 256;  // every sub-region starts on this boundary
-inline constexpr int kMaxRanks = 4096;
 
+// The payload format of a dispatch (the fp8_mode attribute of its custom call).
 enum class Fp8Mode : int32_t {
   kNone = 0,        // bf16 payload
   kFloatScale = 1,  // e4m3 data, float32 scale = amax / 448
   kPow2Scale = 2,   // e4m3 data, float32 scale rounded up to a power of two
   kUe8m0Scale = 3,  // e4m3 data, power-of-two scale delivered as its UE8M0 exponent byte
 };
+inline constexpr int kNumFp8Modes = 4;
+// Fp8Mode by code: the names Python's Fp8Options.scale_format uses ("none": no fp8).
+inline constexpr const char* kFp8ModeNames[kNumFp8Modes] = {"none", "float", "pow2", "ue8m0"};
 
 enum class OpKind : uint32_t { kNone = 0, kDispatch = 1, kCombine = 2 };
 
@@ -88,6 +91,9 @@ JLE_HD SignalState classify_signal(uint64_t signal, uint64_t seq, OpKind kind) {
 
 JLE_HD int parity_of(uint64_t seq) { return static_cast<int>(seq & 1u); }
 
+// The split forms' ticket, handed from a send half to its receive half: the call's sequence number, low 31 bits.
+JLE_HD int32_t ticket_of(uint64_t seq) { return static_cast<int32_t>(seq & 0x7fffffffu); }
+
 // ---------------------------------------------------------------------------------------------------------------
 // Dispatch message: a 16-byte header, then the payload.
 //   bf16:  H bf16 values (2H bytes)
@@ -105,34 +111,20 @@ static_assert(sizeof(MessageHeader) == 16, "message header must stay 16 bytes");
 // ---------------------------------------------------------------------------------------------------------------
 // Per-rank state and error record (at state_offset of the rank's own region; written only by its owner).
 // ---------------------------------------------------------------------------------------------------------------
-enum class ErrorCode : uint32_t {
-  kOk = 0,
-  kTimeout = 1,           // some (rank, local expert) signals never came within timeout_s; see `missing`
-  kSequenceMismatch = 2,  // a peer signalled another op kind or a newer call: call sequences differ between ranks
-  kInvalidExpert = 3,     // a topk_idx entry outside [-1, E); the entry was treated as -1
-  kDuplicateExpert = 4,   // an expert repeated within one token's row; the repeat was treated as -1
-  kSplitMisuse = 5,       // a send half while another call is open, or a receive half with no open call (or one
-                          // of the other op kind); nothing was written to peers
-  kInvalidHandle = 6,     // combine: a handle entry outside the receive layout (skipped), or a peer's row count
-                          // that disagrees with this rank's topk_idx (the handle is not from the same dispatch)
-  kBufferUnusable = 7,    // a send on a buffer whose earlier call timed out or saw a sequence mismatch: refused,
-                          // nothing written (peers may be in another call; see RankState::unusable)
-};
-
+// The error_* fields describe the first error recorded since the last check; what detail, token, topk_pos and signal
+// hold for each ErrorCode is written beside ErrorCode (errors.h).
 struct RankState {
   uint64_t seq;         // sequence number of the last call whose receive half completed (0 before the first call)
   uint64_t open_seq;    // sequence number of a call whose send half ran and whose receive half has not yet (0: none)
-  uint32_t error_code;  // first error recorded since the last check (ErrorCode)
+  uint32_t error_code;  // ErrorCode
   uint32_t error_kind;  // OpKind of the call it happened in
   uint64_t error_seq;   // sequence number of that call
-  // kTimeout: number of missing pairs; kSequenceMismatch: 1; kInvalidExpert/kDuplicateExpert: the id;
-  // kInvalidHandle: the bad row, -1 - pair for a bad layout_range entry, or the pair whose row count disagreed.
   int64_t error_detail;
-  uint32_t error_count;    // errors recorded since the last check (only the first is described)
-  uint32_t open_kind;      // OpKind of the open call (meaningful while open_seq != 0)
-  int32_t error_token;     // routing/handle errors: the token (or row) of the first bad entry; mismatch: the peer rank
-  int32_t error_topk_pos;  // routing errors: its position k; mismatch: the local expert whose signal disagreed
-  uint64_t error_signal;   // kSequenceMismatch: the signal word that was found
+  uint32_t error_count;  // errors recorded since the last check (only the first is described)
+  uint32_t open_kind;    // OpKind of the open call (meaningful while open_seq != 0)
+  int32_t error_token;
+  int32_t error_topk_pos;
+  uint64_t error_signal;
   // A fault the open call's send half found (routing, handle), described like the record above; the receive half
   // reports it once the protocol has completed (checked behaviour), then clears it.
   uint32_t open_error;  // ErrorCode
@@ -169,7 +161,20 @@ struct Layout {
   int64_t combine_recv_offset;
   int64_t region_bytes;
 
-  JLE_HD int64_t num_pairs() const { return static_cast<int64_t>(num_local_experts) * num_ranks; }
+  // E = E_l x R: the experts of the exchange, and also the (local expert, rank) signal pairs of every region.
+  JLE_HD int64_t num_experts() const { return static_cast<int64_t>(num_local_experts) * num_ranks; }
+  // R x T: the rows of each local expert in the receive layout [E_l, R*T, ...].
+  JLE_HD int64_t recv_rows() const { return static_cast<int64_t>(num_ranks) * max_tokens; }
+  // H / 128 (rounded up): fp8 scales per token.
+  JLE_HD int32_t num_scales() const { return (hidden + kScaleBlock - 1) / kScaleBlock; }
+  // Bytes of a dispatch message that carry data: the header, then H bf16 values, or H e4m3 bytes and the float32
+  // scales.
+  JLE_HD int64_t wire_bytes(Fp8Mode mode) const {
+    const int64_t payload = mode == Fp8Mode::kNone
+                                ? 2 * static_cast<int64_t>(hidden)
+                                : static_cast<int64_t>(hidden) + 4 * static_cast<int64_t>(num_scales());
+    return static_cast<int64_t>(sizeof(MessageHeader)) + payload;
+  }
   JLE_HD int64_t pair_index(int local_expert, int rank) const {
     return static_cast<int64_t>(local_expert) * num_ranks + rank;
   }
@@ -177,11 +182,11 @@ struct Layout {
   JLE_HD RankState* state(uint8_t* region) const { return reinterpret_cast<RankState*>(region + state_offset); }
   JLE_HD uint8_t* missing(uint8_t* region) const { return region + missing_offset; }
   JLE_HD uint64_t* dispatch_signal(uint8_t* region, int parity, int local_expert, int src_rank) const {
-    return reinterpret_cast<uint64_t*>(region + dispatch_signal_offset) + parity * num_pairs() +
+    return reinterpret_cast<uint64_t*>(region + dispatch_signal_offset) + parity * num_experts() +
            pair_index(local_expert, src_rank);
   }
   JLE_HD uint64_t* combine_signal(uint8_t* region, int parity, int local_expert, int owner_rank) const {
-    return reinterpret_cast<uint64_t*>(region + combine_signal_offset) + parity * num_pairs() +
+    return reinterpret_cast<uint64_t*>(region + combine_signal_offset) + parity * num_experts() +
            pair_index(local_expert, owner_rank);
   }
   JLE_HD uint8_t* send_message(uint8_t* region, int token) const {
@@ -189,7 +194,7 @@ struct Layout {
   }
   JLE_HD uint8_t* dispatch_message(uint8_t* region, int parity, int local_expert, int src_rank, int slot) const {
     const int64_t index =
-        (static_cast<int64_t>(parity) * num_pairs() + pair_index(local_expert, src_rank)) * max_tokens + slot;
+        (static_cast<int64_t>(parity) * num_experts() + pair_index(local_expert, src_rank)) * max_tokens + slot;
     return region + dispatch_recv_offset + index * message_bytes;
   }
   JLE_HD uint8_t* combine_row(uint8_t* region, int parity, int token, int topk_pos) const {
@@ -210,32 +215,30 @@ struct Layout {
 JLE_HD Layout make_layout(int32_t num_ranks, int32_t num_experts, int32_t max_tokens, int32_t hidden) {
   Layout l = {};
   if (num_ranks <= 0 || num_ranks > kMaxRanks || num_experts <= 0 || num_experts % num_ranks != 0 || max_tokens <= 0 ||
-      hidden <= 0 || hidden % 8 != 0) {
+      hidden <= 0 || hidden % kHiddenMultiple != 0) {
     return l;
   }
   l.num_ranks = num_ranks;
   l.num_local_experts = num_experts / num_ranks;
   l.max_tokens = max_tokens;
   l.hidden = hidden;
-  const int64_t h = hidden;
-  const int64_t fp8_payload = h + (h + kScaleBlock - 1) / kScaleBlock * 4;
-  const int64_t bf16_payload = 2 * h;
-  l.message_bytes = align_up(
-      static_cast<int64_t>(sizeof(MessageHeader)) + (fp8_payload > bf16_payload ? fp8_payload : bf16_payload), 16);
-  l.combine_row_bytes = 2 * h;
+  const int64_t fp8_bytes = l.wire_bytes(Fp8Mode::kFloatScale);
+  const int64_t bf16_bytes = l.wire_bytes(Fp8Mode::kNone);
+  l.message_bytes = align_up(fp8_bytes > bf16_bytes ? fp8_bytes : bf16_bytes, 16);
+  l.combine_row_bytes = 2 * static_cast<int64_t>(hidden);
   int64_t offset = 0;
   l.state_offset = offset;
   offset = align_up(offset + static_cast<int64_t>(sizeof(RankState)), kRegionAlign);
   l.missing_offset = offset;
-  offset = align_up(offset + l.num_pairs(), kRegionAlign);
+  offset = align_up(offset + l.num_experts(), kRegionAlign);
   l.dispatch_signal_offset = offset;
-  offset = align_up(offset + kNumParities * l.num_pairs() * 8, kRegionAlign);
+  offset = align_up(offset + kNumParities * l.num_experts() * 8, kRegionAlign);
   l.combine_signal_offset = offset;
-  offset = align_up(offset + kNumParities * l.num_pairs() * 8, kRegionAlign);
+  offset = align_up(offset + kNumParities * l.num_experts() * 8, kRegionAlign);
   l.send_offset = offset;
   offset = align_up(offset + static_cast<int64_t>(max_tokens) * l.message_bytes, kRegionAlign);
   l.dispatch_recv_offset = offset;
-  offset = align_up(offset + kNumParities * l.num_pairs() * max_tokens * l.message_bytes, kRegionAlign);
+  offset = align_up(offset + kNumParities * l.num_experts() * max_tokens * l.message_bytes, kRegionAlign);
   l.combine_recv_offset = offset;
   offset =
       align_up(offset + kNumParities * static_cast<int64_t>(max_tokens) * kMaxTopk * l.combine_row_bytes, kRegionAlign);
