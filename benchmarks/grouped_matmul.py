@@ -217,84 +217,45 @@ def run(args) -> list[dict]:
         rows.append(row)
         print(f"  {case.model:12s} {method:40s} rows {row['valid_rows']:8.0f}  {t:9.1f} us  {t / floor_us:6.2f}x floor")
 
-    if args.suite == "variants":  # jax_ll_ep's configurations only, at the DeepSeek-V3 share
+    if args.suite in ("candidates", "variants", "all"):
         case = Case("deepseek-v3", rng, unroll=args.unroll)
-        e, _, f = case.wg.shape
-        h = (jax.random.normal(jax.random.key(1), (e, case.m, f), jnp.float32) * 0.1).astype(jnp.bfloat16)
-        record(case, "jax_ll_ep", ours_mlp(), case.padded_args())
-        for cfg in args.configs:
-            record(case, f"jax_ll_ep {_label(cfg)}", ours_mlp(cfg, cfg), case.padded_args())
-        for cfg in args.up_configs:
-            up = lambda x, c, wg, wu, wd, cfg=cfg: ep.swiglu(x, wg, wu, c, config=cfg)  # noqa: E731
-            record(case, f"jax_ll_ep swiglu kernel {_label(cfg)}", up, case.padded_args(), weights=(case.wg, case.wu))
-        for cfg in args.down_configs:
-            down = lambda x, c, wg, wu, wd, cfg=cfg: ep.grouped_matmul(h, wd, c, config=cfg)  # noqa: E731
-            record(case, f"jax_ll_ep down kernel {_label(cfg)}", down, case.padded_args(), weights=(case.wd,))
-        w8nk = tuple(
-            ep.Fp8Array(jnp.swapaxes(w.data, 1, 2), jnp.swapaxes(w.scale, 1, 2))
-            for w in (fp8_weights(w) for w in (case.wg, case.wu, case.wd))
-        )
-        x8 = fp8_rows(case.x)
-        for cfg in args.fp8_configs:
-            record(
-                case,
-                f"jax_ll_ep fp8 nk {_label(cfg)}",
-                ours_mlp(cfg, cfg, "nk"),
-                case.padded_args(x8, w8nk),
-                weights=w8nk,
-            )
-            record(
-                case,
-                f"jax_ll_ep bf16 x, fp8 w nk {_label(cfg)}",
-                ours_mlp(cfg, cfg, "nk"),
-                case.padded_args(None, w8nk),
-                weights=w8nk,
-            )
-        del case, w8nk, x8
-
-    if args.suite in ("candidates", "all"):
-        case = Case("deepseek-v3", rng, unroll=args.unroll)
-        record(case, "einsum", einsum_mlp, case.padded_args())
-        record(case, "ragged_valid", ragged_mlp(lax_ragged), case.packed_args(None))
-        record(case, "ragged_max", ragged_mlp(lax_ragged), case.packed_args(case.max_rows))
-        tok = tokamax_ragged()
-        if tok is not None:
-            record(case, "tokamax", ragged_mlp(tok), case.packed_args(None))
+        if args.suite != "variants":  # the ways a JAX user computes the experts today
+            record(case, "einsum", einsum_mlp, case.padded_args())
+            record(case, "ragged_valid", ragged_mlp(lax_ragged), case.packed_args(None))
+            record(case, "ragged_max", ragged_mlp(lax_ragged), case.packed_args(case.max_rows))
+            tok = tokamax_ragged()
+            if tok is not None:
+                record(case, "tokamax", ragged_mlp(tok), case.packed_args(None))
         record(case, "jax_ll_ep", ours_mlp(), case.padded_args())
         for cfg in args.configs:
             record(case, f"jax_ll_ep {_label(cfg)}", ours_mlp(cfg, cfg), case.padded_args())
         # The two kernels apart (gate/up with SwiGLU, down).
         e, _, f = case.wg.shape
         h = (jax.random.normal(jax.random.key(1), (e, case.m, f), jnp.float32) * 0.1).astype(jnp.bfloat16)
-
-        def down_with(cfg):
-            return lambda x, c, wg, wu, wd: ep.grouped_matmul(h, wd, c, config=cfg)
-
-        up_only = lambda x, c, wg, wu, wd: ep.swiglu(x, wg, wu, c)  # noqa: E731
-        record(case, "jax_ll_ep swiglu kernel", up_only, case.padded_args(), weights=(case.wg, case.wu))
-        record(case, "jax_ll_ep down kernel", down_with(None), case.padded_args(), weights=(case.wd,))
-        for cfg in args.up_configs:
+        for cfg in [None, *args.up_configs]:
             up = lambda x, c, wg, wu, wd, cfg=cfg: ep.swiglu(x, wg, wu, c, config=cfg)  # noqa: E731
-            record(case, f"jax_ll_ep swiglu kernel {_label(cfg)}", up, case.padded_args(), weights=(case.wg, case.wu))
-        for cfg in args.down_configs:
-            name = f"jax_ll_ep down kernel {_label(cfg)}"
-            record(case, name, down_with(cfg), case.padded_args(), weights=(case.wd,))
-        # fp8: fp8 dispatch rows and 128x128-block fp8 weights, in both weight layouts.
-        w8 = tuple(fp8_weights(w) for w in (case.wg, case.wu, case.wd))
-        w8nk = tuple(ep.Fp8Array(jnp.swapaxes(w.data, 1, 2), jnp.swapaxes(w.scale, 1, 2)) for w in w8)
-        wnk = tuple(jnp.swapaxes(w, 1, 2) for w in (case.wg, case.wu, case.wd))
+            name = "jax_ll_ep swiglu kernel" + (f" {_label(cfg)}" if cfg else "")
+            record(case, name, up, case.padded_args(), weights=(case.wg, case.wu))
+        for cfg in [None, *args.down_configs]:
+            down = lambda x, c, wg, wu, wd, cfg=cfg: ep.grouped_matmul(h, wd, c, config=cfg)  # noqa: E731
+            name = "jax_ll_ep down kernel" + (f" {_label(cfg)}" if cfg else "")
+            record(case, name, down, case.padded_args(), weights=(case.wd,))
+        # fp8: fp8 dispatch rows and 128x128-block fp8 weights (nk: the layout fp8 tensor cores read).
+        w8nk = tuple(
+            ep.Fp8Array(jnp.swapaxes(w.data, 1, 2), jnp.swapaxes(w.scale, 1, 2))
+            for w in (fp8_weights(w) for w in (case.wg, case.wu, case.wd))
+        )
         x8 = fp8_rows(case.x)
-        record(case, "jax_ll_ep bf16 nk", ours_mlp(w_layout="nk"), case.padded_args(None, wnk))
-        record(case, "jax_ll_ep fp8 x, fp8 w", ours_mlp(), case.padded_args(x8, w8), weights=w8)
-        record(case, "jax_ll_ep fp8 x, fp8 w nk", ours_mlp(w_layout="nk"), case.padded_args(x8, w8nk), weights=w8)
-        record(case, "jax_ll_ep bf16 x, fp8 w nk", ours_mlp(w_layout="nk"), case.padded_args(None, w8nk), weights=w8)
+        for cfg in [None, *args.fp8_configs]:
+            suffix = f" {_label(cfg)}" if cfg else ""
+            mlp = ours_mlp(cfg, cfg, "nk")
+            record(case, "jax_ll_ep fp8 x, fp8 w nk" + suffix, mlp, case.padded_args(x8, w8nk), weights=w8nk)
+            record(case, "jax_ll_ep bf16 x, fp8 w nk" + suffix, mlp, case.padded_args(None, w8nk), weights=w8nk)
         record(case, "jax_ll_ep fp8 x, bf16 w", ours_mlp(), case.padded_args(x8))
-        for cfg in args.fp8_configs:
-            name = f"jax_ll_ep fp8 nk {_label(cfg)}"
-            record(case, name, ours_mlp(cfg, cfg, "nk"), case.padded_args(x8, w8nk), weights=w8)
-            name = f"jax_ll_ep bf16 x, fp8 w nk {_label(cfg)}"
-            record(case, name, ours_mlp(cfg, cfg, "nk"), case.padded_args(None, w8nk), weights=w8)
-        del case, w8, w8nk, wnk, x8
+        if args.suite != "variants":
+            wnk = tuple(jnp.swapaxes(w, 1, 2) for w in (case.wg, case.wu, case.wd))
+            record(case, "jax_ll_ep bf16 nk", ours_mlp(w_layout="nk"), case.padded_args(None, wnk))
+        del case, w8nk, x8
 
     if args.suite in ("rows", "all"):
         for total in (0, 256, 1024, 4096, 32768):

@@ -57,6 +57,17 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / denom) if denom else float(np.linalg.norm(got))
 
 
+def check_rows(got, want_per_expert, counts, tol: float) -> None:
+    """Every valid row of ``got`` [E, M, N] finite and, per expert, within ``tol`` (relative) of the reference."""
+    got = np.asarray(got, np.float64)
+    for e, want in enumerate(want_per_expert):
+        rows = got[e, : counts[e]]
+        assert np.isfinite(rows).all(), f"expert {e}: non-finite values in its {counts[e]} valid rows"
+        if counts[e]:
+            err = relative_error(rows, want)
+            assert err <= tol, f"expert {e} ({counts[e]} rows): relative error {err:.2e} > {tol:.0e}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Random operands
 # ---------------------------------------------------------------------------------------------------------------

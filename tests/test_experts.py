@@ -23,16 +23,6 @@ from jax_ll_ep.fp8 import quantize_fp8
 IMPLS = ("pallas", "reference")
 
 
-def check_rows(got, want_per_expert, counts, tol):
-    got = np.asarray(got, np.float64)
-    for e, want in enumerate(want_per_expert):
-        rows = got[e, : counts[e]]
-        assert np.isfinite(rows).all(), f"expert {e}: non-finite values in its {counts[e]} valid rows"
-        if counts[e]:
-            err = ref.relative_error(rows, want)
-            assert err <= tol, f"expert {e} ({counts[e]} rows): relative error {err:.2e} > {tol:.0e}"
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("w_layout", ["kn", "nk"])
 @pytest.mark.parametrize(
@@ -47,7 +37,7 @@ def test_grouped_matmul_matches_numpy(impl, w_layout, x_fmt, w_fp8):
     w = ref.random_weights(rng, e, k, n, fp8=w_fp8, w_layout=w_layout)
     out = ep.grouped_matmul(x, w, jnp.asarray(counts), w_layout=w_layout, implementation=impl)
     assert out.shape == (e, m, n) and out.dtype == jnp.bfloat16
-    check_rows(out, ref.grouped_matmul(x, w, counts, w_layout), counts, tol=1e-2)
+    ref.check_rows(out, ref.grouped_matmul(x, w, counts, w_layout), counts, tol=1e-2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -59,7 +49,7 @@ def test_float32_output_is_exact_to_float32_rounding(impl):
     w = ref.random_weights(rng, e, k, n, fp8=False, w_layout="kn")
     out = ep.grouped_matmul(x, w, jnp.asarray(counts), out_dtype=jnp.float32, implementation=impl)
     assert out.dtype == jnp.float32
-    check_rows(out, ref.grouped_matmul(x, w, counts), counts, tol=1e-5)
+    ref.check_rows(out, ref.grouped_matmul(x, w, counts), counts, tol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -72,7 +62,7 @@ def test_smallest_shapes(impl, e, m):
     x = jnp.asarray(ref.random_rows(rng, e, m, k, counts))
     w = ref.random_weights(rng, e, k, n, fp8=False, w_layout="kn")
     out = ep.grouped_matmul(x, w, jnp.asarray(counts), implementation=impl)
-    check_rows(out, ref.grouped_matmul(x, w, counts), counts, tol=1e-2)
+    ref.check_rows(out, ref.grouped_matmul(x, w, counts), counts, tol=1e-2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -87,13 +77,13 @@ def test_swiglu_mlp_matches_numpy(impl, x_fmt, w_fp8, w_layout):
     w_down = ref.random_weights(rng, e, f, h, fp8=w_fp8, w_layout=w_layout)
     c = jnp.asarray(counts)
     hidden = ep.swiglu(x, w_gate, w_up, c, w_layout=w_layout, implementation=impl)
-    check_rows(hidden, ref.swiglu(x, w_gate, w_up, counts, w_layout), counts, tol=1e-2)
+    ref.check_rows(hidden, ref.swiglu(x, w_gate, w_up, counts, w_layout), counts, tol=1e-2)
     y = ep.swiglu_mlp(x, c, w_gate, w_up, w_down, w_layout=w_layout, implementation=impl)
     # The reference of the second product starts from the bf16 hidden rows, as the op does.
     hidden_bf16 = [np.asarray(hidden, np.float64)[i, : counts[i]] for i in range(e)]
     wd = ref.value(w_down)
     wd = np.swapaxes(wd, 1, 2) if w_layout == "nk" else wd
-    check_rows(y, [hidden_bf16[i] @ wd[i] for i in range(e)], counts, tol=1e-2)
+    ref.check_rows(y, [hidden_bf16[i] @ wd[i] for i in range(e)], counts, tol=1e-2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -103,7 +93,7 @@ def test_counts_outside_the_layout_are_clamped(impl):
     x = jnp.asarray(ref.random_rows(rng, e, m, k, np.full(e, m, np.int32)))
     w = ref.random_weights(rng, e, k, n, fp8=False, w_layout="kn")
     out = ep.grouped_matmul(x, w, jnp.asarray([-5, m + 7, 2**30], jnp.int32), implementation=impl)
-    check_rows(out, ref.grouped_matmul(x, w, np.array([0, m, m])), np.array([0, m, m]), tol=1e-2)
+    ref.check_rows(out, ref.grouped_matmul(x, w, np.array([0, m, m])), np.array([0, m, m]), tol=1e-2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -120,7 +110,7 @@ def test_tiles_and_row_programs_do_not_change_results(impl):
         ep.GroupedMatmulConfig(block_m=64, block_n=64, block_k=16, num_warps=8, num_stages=2),
     ):
         out = ep.grouped_matmul(x, w, jnp.asarray(counts), implementation=impl, config=cfg)
-        check_rows(out, want, counts, tol=1e-2)
+        ref.check_rows(out, want, counts, tol=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,7 +186,7 @@ def test_jit_and_scan(impl):
 
     out = run(jnp.asarray(xs), jnp.asarray(counts))
     for s in range(steps):
-        check_rows(out[s], ref.grouped_matmul(jnp.asarray(xs[s]), w, counts[s]), counts[s], tol=1e-2)
+        ref.check_rows(out[s], ref.grouped_matmul(jnp.asarray(xs[s]), w, counts[s]), counts[s], tol=1e-2)
 
 
 @pytest.mark.parametrize(

@@ -26,16 +26,6 @@ def gpu():
     return jax.devices("gpu")[0]
 
 
-def check_rows(got, want_per_expert, counts, tol):
-    got = np.asarray(got, np.float64)
-    for e, want in enumerate(want_per_expert):
-        rows = got[e, : counts[e]]
-        assert np.isfinite(rows).all(), f"expert {e}: non-finite values in its {counts[e]} valid rows"
-        if counts[e]:
-            err = ref.relative_error(rows, want)
-            assert err <= tol, f"expert {e} ({counts[e]} rows): relative error {err:.2e} > {tol:.0e}"
-
-
 @pytest.mark.parametrize(
     "x_fmt,w_fp8,w_layout,shape",
     [
@@ -55,7 +45,7 @@ def test_kernel_matches_numpy(x_fmt, w_fp8, w_layout, shape):
     w = ref.random_weights(rng, e, k, n, fp8=w_fp8, w_layout=w_layout)
     with jax.default_device(gpu()):
         out = jax.jit(lambda x, w, c: ep.grouped_matmul(x, w, c, w_layout=w_layout))(x, w, jnp.asarray(counts))
-    check_rows(out, ref.grouped_matmul(x, w, counts, w_layout), counts, tol=1e-2)
+    ref.check_rows(out, ref.grouped_matmul(x, w, counts, w_layout), counts, tol=1e-2)
 
 
 @pytest.mark.parametrize("w_layout,fp8", [("kn", False), ("nk", True)])
@@ -71,13 +61,13 @@ def test_deepseek_share_decode(w_layout, fp8):
     w_down = ref.random_weights(rng, e, f, h, fp8=fp8, w_layout=w_layout)
     with jax.default_device(gpu()):
         hidden = jax.jit(lambda *a: ep.swiglu(*a, w_layout=w_layout))(x, w_gate, w_up, jnp.asarray(counts))
-    check_rows(hidden, ref.swiglu(x, w_gate, w_up, counts, w_layout), counts, tol=1e-2)
+    ref.check_rows(hidden, ref.swiglu(x, w_gate, w_up, counts, w_layout), counts, tol=1e-2)
     with jax.default_device(gpu()):
         y = jax.jit(lambda *a: ep.grouped_matmul(*a, w_layout=w_layout))(hidden, w_down, jnp.asarray(counts))
     hid = [np.asarray(hidden, np.float64)[i, : counts[i]] for i in range(e)]
     wd = ref.value(w_down)
     wd = np.swapaxes(wd, 1, 2) if w_layout == "nk" else wd
-    check_rows(y, [hid[i] @ wd[i] for i in range(e)], counts, tol=1e-2)
+    ref.check_rows(y, [hid[i] @ wd[i] for i in range(e)], counts, tol=1e-2)
 
 
 def test_grad_matches_reference_path():
@@ -116,4 +106,4 @@ def test_in_shard_map_with_vma_check():
     g, u = ref.products(x, ws[:2], counts, "kn")
     hid = [ref.silu(a) * b for a, b in zip(g, u, strict=True)]
     wd = ref.value(ws[2])
-    check_rows(y, [hid[i] @ wd[i] for i in range(e)], counts, tol=2e-2)
+    ref.check_rows(y, [hid[i] @ wd[i] for i in range(e)], counts, tol=2e-2)
