@@ -20,15 +20,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 out="$(mkdir -p "${1:-build/gpu-round}" && cd "${1:-build/gpu-round}" && pwd)"
 py="${PYTHON:-python3}"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_DISABLE_NVLS=1 TF_CPP_MIN_LOG_LEVEL=2
-export PYTHONUNBUFFERED=1
-
-if ! "$py" -c "import nvshmem.core" 2>/dev/null; then
-  site="$(mktemp -d)/site"
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
-    || { echo "FAIL: nvshmem4py is not installed and .whl/ has no usable wheel"; exit 1; }
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source "$root/scripts/gpu_env.sh" || { echo "FAIL: nvshmem4py is not installed and .whl/ has no usable wheel"; exit 1; }
 "$py" -c "import jax_ll_ep._extension as e; assert e.cuda_available(); e.cuda_module()" \
   || { echo "FAIL: the CUDA module does not load (build it here first: scripts/dev.sh build)"; exit 1; }
 echo "card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"

@@ -21,16 +21,8 @@ summary="$out/summary.txt"
 : >"$summary"
 note() { echo "$*" | tee -a "$summary"; }
 
-export XLA_PYTHON_CLIENT_PREALLOCATE=false NVSHMEM_REMOTE_TRANSPORT=none NVSHMEM_DISABLE_NVLS=1 TF_CPP_MIN_LOG_LEVEL=2
-export PYTHONUNBUFFERED=1
-
-# 1. nvshmem4py
-if ! "$py" -c "import nvshmem.core" 2>/dev/null; then
-  site="$(mktemp -d)/site"
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
-    || { note "FAIL: nvshmem4py is not installed and .whl/ has no usable wheel"; exit 1; }
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# 1. the GPU environment and nvshmem4py
+source "$root/scripts/gpu_env.sh" || { note "FAIL: nvshmem4py is not installed and .whl/ has no usable wheel"; exit 1; }
 note "card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
 note "versions: $("$py" -c 'import jax, nvshmem, cuda.core as c, importlib.metadata as m; print("jax", jax.__version__, "| nvshmem4py", nvshmem.__version__ if hasattr(nvshmem, "__version__") else m.version("nvshmem4py-cu13"), "| cuda.core", m.version("cuda-core"), "| nvidia-nvshmem-cu13", m.version("nvidia-nvshmem-cu13"))' 2>&1 | tail -1)"
 
