@@ -114,3 +114,10 @@ def random_weights(rng, e: int, k: int, n: int, *, fp8: bool, w_layout: str):
     scale = np.maximum(np.abs(blocks).max(axis=(2, 4)), 1e-4) / 448.0
     data = (blocks / scale[:, :, None, :, None]).reshape(e, a, b).astype(ml_dtypes.float8_e4m3fn)
     return ep.Fp8Array(jnp.asarray(data), jnp.asarray(scale.astype(np.float32)))
+
+
+def bf16_case(rng, e: int, m: int, k: int, n: int):
+    """(counts, x [e, m, k] with NaN past each count, w [e, k, n]): a random bf16 grouped-matmul problem."""
+    counts = random_counts(rng, e, m)
+    x = jnp.asarray(random_rows(rng, e, m, k, counts))
+    return counts, x, random_weights(rng, e, k, n, fp8=False, w_layout="kn")

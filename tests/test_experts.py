@@ -44,9 +44,7 @@ def test_grouped_matmul_matches_numpy(impl, w_layout, x_fmt, w_fp8):
 def test_float32_output_is_exact_to_float32_rounding(impl):
     rng = np.random.default_rng(1)
     e, m, k, n = 3, 24, 128, 64
-    counts = ref.random_counts(rng, e, m)
-    x = jnp.asarray(ref.random_rows(rng, e, m, k, counts))
-    w = ref.random_weights(rng, e, k, n, fp8=False, w_layout="kn")
+    counts, x, w = ref.bf16_case(rng, e, m, k, n)
     out = ep.grouped_matmul(x, w, jnp.asarray(counts), out_dtype=jnp.float32, implementation=impl)
     assert out.dtype == jnp.float32
     ref.check_rows(out, ref.grouped_matmul(x, w, counts), counts, tol=1e-5)
@@ -100,9 +98,7 @@ def test_counts_outside_the_layout_are_clamped(impl):
 def test_tiles_and_row_programs_do_not_change_results(impl):
     rng = np.random.default_rng(3)
     e, m, k, n = 3, 100, 256, 128
-    counts = ref.random_counts(rng, e, m)
-    x = jnp.asarray(ref.random_rows(rng, e, m, k, counts))
-    w = ref.random_weights(rng, e, k, n, fp8=False, w_layout="kn")
+    counts, x, w = ref.bf16_case(rng, e, m, k, n)
     want = ref.grouped_matmul(x, w, counts)
     for cfg in (
         ep.GroupedMatmulConfig(block_m=16, row_programs=3),
