@@ -456,6 +456,20 @@ def copy_bandwidth(m: Mesh) -> dict:
 LOOP_METHODS = ("cuda_loop", "jax_packed_loop")
 
 
+def make_buffer(m: Mesh, backend: str, experts: int, t_max: int, hidden: int) -> ep.Buffer:
+    """A buffer of the run's configuration (the dry run swaps the cpu backend in for cuda)."""
+    backend = "cpu" if DRY_RUN and backend == "cuda" else backend
+    return ep.Buffer(
+        m,
+        AXIS,
+        num_experts=experts,
+        max_tokens_per_rank=t_max,
+        hidden=hidden,
+        backend=backend,
+        timeout_s=CFG["timeout_s"],
+    )
+
+
 def run_loop(m: Mesh, name: str, t_max: int, hidden: int, topk: int, experts: int) -> dict:
     """One loop-mode row (1 rank): ``pair_ns`` per pair, or the error."""
     entry = {"method": name, "tokens": t_max}
@@ -466,16 +480,7 @@ def run_loop(m: Mesh, name: str, t_max: int, hidden: int, topk: int, experts: in
             m, sets=1, n=t_max, t_max=t_max, hidden=hidden, topk=topk, experts=experts, want_packed=False
         )
         if name == "cuda_loop":
-            backend = "cpu" if DRY_RUN else "cuda"
-            buf = ep.Buffer(
-                m,
-                AXIS,
-                num_experts=experts,
-                max_tokens_per_rank=t_max,
-                hidden=hidden,
-                backend=backend,
-                timeout_s=CFG["timeout_s"],
-            )
+            buf = make_buffer(m, "cuda", experts, t_max, hidden)
             pair = native_pair(buf)
         else:
             pair = jax_packed_pair(experts)
@@ -560,16 +565,7 @@ def main() -> None:
             buf = None
             try:
                 if name in ("cuda", "xla"):
-                    backend = "cpu" if DRY_RUN and name == "cuda" else name
-                    buf = ep.Buffer(
-                        m,
-                        AXIS,
-                        num_experts=E,
-                        max_tokens_per_rank=t_max,
-                        hidden=H,
-                        backend=backend,
-                        timeout_s=CFG["timeout_s"],
-                    )
+                    buf = make_buffer(m, name, E, t_max, H)
                     meth, order_id = native_method(buf), buf.handle if name == "cuda" else STAMP_ORDER_ID
                 elif name == "jax_packed":
                     meth, order_id = jax_packed_method(E), STAMP_ORDER_ID
