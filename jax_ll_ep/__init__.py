@@ -11,6 +11,7 @@ from .errors import (
     BufferClosedError,
     JaxLlEpError,
     ProtocolTimeoutError,
+    RanksMaskedError,
     RoutingError,
     SequenceMismatchError,
 )
@@ -23,7 +24,7 @@ from .ops import (
     dispatch_recv,
     dispatch_send,
 )
-from .types import CombinePending, DispatchHandle, DispatchPending, Fp8Array
+from .types import CombinePending, DispatchHandle, DispatchPending, DroppedPairs, Fp8Array
 
 __version__ = "0.1.0"
 
@@ -34,11 +35,13 @@ __all__ = [
     "CudaOptions",
     "DispatchHandle",
     "DispatchPending",
+    "DroppedPairs",
     "Fp8Array",
     "Fp8Options",
     "GroupedMatmulConfig",
     "JaxLlEpError",
     "ProtocolTimeoutError",
+    "RanksMaskedError",
     "RoutingError",
     "SequenceMismatchError",
     "combine",

@@ -11,13 +11,16 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import operator
 import threading
+from collections.abc import Iterable
 
 from jax.sharding import Mesh
 
 from .backends import Backend, open_backend
 from .config import BufferConfig, CudaOptions
 from .errors import BufferClosedError
+from .types import DroppedPairs
 
 log = logging.getLogger("jax_ll_ep")
 
@@ -43,6 +46,10 @@ class Buffer:
         ``"cuda"``, ``"cpu"`` or ``"xla"``.
       timeout_s: bound on every wait for peers; a call that runs past it raises ProtocolTimeoutError naming the
         (rank, local expert) pairs whose signals never came.
+      on_timeout: ``"raise"`` (a wait past ``timeout_s`` fails the call and leaves the buffer refusing later sends
+        until :meth:`mask_ranks`) or ``"mask"`` (the silent ranks are masked and the call completes without them; the
+        buffer stays usable, :attr:`masked_ranks` lists them and :meth:`check` raises RanksMaskedError once to
+        report it). Native backends only; the xla backend never waits on peers.
       cuda: options of the ``cuda`` backend (:class:`CudaOptions`; other backends ignore them). Default:
         ``CudaOptions()``, whose fields default to the environment (read once per process).
 
@@ -59,6 +66,7 @@ class Buffer:
         hidden: int,
         backend: str = "auto",
         timeout_s: float = 100.0,
+        on_timeout: str = "raise",
         cuda: CudaOptions | None = None,
     ):
         if not isinstance(mesh, Mesh):
@@ -76,6 +84,7 @@ class Buffer:
             hidden=hidden,
             backend=backend,
             timeout_s=float(timeout_s),
+            on_timeout=on_timeout,
         )
         with _lock:
             self.handle = next(_next_handle)
@@ -134,9 +143,60 @@ class Buffer:
 
     def check(self) -> None:
         """Raises the first error the protocol recorded since the last check (timeouts, routing errors,
-        mismatched call sequences), then clears it."""
+        mismatched call sequences, ranks masked by ``on_timeout="mask"``), then clears it."""
         self.ensure_open()
         self.backend.check()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Masking: leaving ranks out of the exchange (docs/reliability.md)
+    # ----------------------------------------------------------------------------------------------------------
+    def mask_ranks(self, ranks: Iterable[int]) -> None:
+        """Masks ``ranks`` (positions on the buffer's axis, in every group of the mesh); ``[]`` restores every rank.
+
+        Call it outside jit, on every live process, with the same list; it first waits for the buffer's calls to
+        finish. While a rank is masked, no live rank sends to it or waits on it, and a (token, expert) pair routed to
+        one of its experts is dropped exactly as if its id were -1 (dispatch delivers nothing for it; combine sums
+        the live pairs only; :meth:`dropped_pairs` counts them). A masked rank that still runs gets its calls back at
+        once, with nothing sent or awaited and unspecified outputs. The mask is device state: compiled programs pick
+        it up without recompiling (on the xla backend, where it is only the dropped-pair rule, programs are traced
+        again).
+
+        It is also how survivors go on after a rank dies: the live processes (every process holding a rank left
+        unmasked must take part) agree on the list and on the next call's sequence number, which clears a timed-out
+        buffer's refusal of further sends. Unmask a rank only when its process takes part again: a rank whose slots
+        are read again must not have writes of an old call still on their way.
+        """
+        self.ensure_open()
+        if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Iterable):
+            raise TypeError(f"mask_ranks: ranks must be an iterable of ints, got {ranks!r}")
+        try:
+            listed = [operator.index(r) for r in ranks]
+        except TypeError:
+            raise TypeError(f"mask_ranks: ranks must be ints, got {ranks!r}") from None
+        bad = [r for r in listed if not 0 <= r < self.num_ranks]
+        if bad:
+            raise ValueError(
+                f"mask_ranks: ranks {bad} are outside [0, {self.num_ranks}) (positions on axis {self.axis_name!r})"
+            )
+        if len(set(listed)) == self.num_ranks:
+            raise ValueError(f"mask_ranks: {sorted(set(listed))} would mask every rank of the buffer; leave one live")
+        self.backend.mask_ranks(tuple(sorted(set(listed))))
+
+    @property
+    def masked_ranks(self) -> tuple[int, ...]:
+        """The ranks this process's ranks treat as masked (their union; after :meth:`mask_ranks` every rank holds the
+        same list, after an ``on_timeout="mask"`` timeout the ranks that timed out hold the silent ones). Waits for the
+        buffer's calls to finish."""
+        self.ensure_open()
+        return self.backend.masked_ranks()
+
+    def dropped_pairs(self) -> dict[tuple[int, int], DroppedPairs]:
+        """{(group, rank): DroppedPairs(last_call, total)} for this process's ranks: the (token, expert) pairs each
+        dropped because their expert's rank was masked, in its most recent call and since the buffer was created (a
+        dispatch counts them when it sends, a combine when it reduces). Waits for the buffer's calls to finish.
+        cpu and cuda backends."""
+        self.ensure_open()
+        return self.backend.dropped_pairs()
 
     def close(self) -> None:
         """Frees the buffer. Collective; idempotent; also runs at exit."""

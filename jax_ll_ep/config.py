@@ -10,6 +10,7 @@ from typing import Literal
 from ._extension import FP8_MODES, HIDDEN_MULTIPLE, SCALE_BLOCK
 
 BACKENDS = ("auto", "cuda", "cpu", "xla")
+ON_TIMEOUT = ("raise", "mask")
 FP8_SCALE_FORMATS = tuple(name for name in FP8_MODES if name != "none")
 
 
@@ -122,6 +123,7 @@ class BufferConfig:
     hidden: int
     backend: str = "auto"
     timeout_s: float = 100.0
+    on_timeout: str = "raise"
 
     def __post_init__(self):
         _positive_int("num_ranks (size of the buffer's mesh axis)", self.num_ranks)
@@ -141,6 +143,8 @@ class BufferConfig:
             raise ValueError(f"backend={self.backend!r} is not one of {BACKENDS}")
         if not (isinstance(self.timeout_s, (int, float)) and 0 < self.timeout_s <= 86400):
             raise ValueError(f"timeout_s={self.timeout_s!r} must be a number of seconds in (0, 86400]")
+        if self.on_timeout not in ON_TIMEOUT:
+            raise ValueError(f"on_timeout={self.on_timeout!r} is not one of {ON_TIMEOUT}")
 
     @property
     def num_local_experts(self) -> int:

@@ -21,6 +21,18 @@ class ProtocolTimeoutError(JaxLlEpError):
         self.missing = missing
 
 
+class RanksMaskedError(ProtocolTimeoutError):
+    """With ``Buffer(..., on_timeout="mask")``: a wait ran past ``timeout_s`` and the silent ranks were masked
+    instead of failing the call. The call completed without them and the buffer stays usable; ``masked`` lists the
+    ranks (``buf.masked_ranks`` holds them from then on). Raised by ``buf.check()`` only: it reports, it does not stop
+    anything.
+    """
+
+    def __init__(self, message: str, *, masked: tuple[int, ...] = (), **kwargs):
+        super().__init__(message, **kwargs)
+        self.masked = masked
+
+
 class SequenceMismatchError(JaxLlEpError):
     """Ranks issued different sequences of calls on one buffer (detected by the epoch check)."""
 

@@ -9,6 +9,14 @@ import jax
 from .config import Fp8Options
 
 
+class DroppedPairs(NamedTuple):
+    """(token, expert) pairs one rank dropped because their expert's rank was masked (``Buffer.dropped_pairs``):
+    in its most recent call, and in every call since the buffer was created."""
+
+    last_call: int
+    total: int
+
+
 class Fp8Array(NamedTuple):
     """FP8 payload: ``data`` [..., H] float8_e4m3fn and ``scale`` [..., H/128] (float32, or float8_e8m0fnu for
     UE8M0); the value is ``data * scale`` per 128-channel block."""

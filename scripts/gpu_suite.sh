@@ -80,7 +80,7 @@ stop_mps
 for tool in $tools; do
   dir="$out/sanitizer-$tool"
   "$py" - "$dir" "$tool" <<'EOF' >>"$out/sanitizer.log" 2>&1
-import sys
+import os, sys
 sys.path.insert(0, "tests/gpu")
 from test_gpu_suite import run_ranks
 out_dir, tool = sys.argv[1], sys.argv[2]
@@ -88,7 +88,8 @@ out_dir, tool = sys.argv[1], sys.argv[2]
 # sanitizer counts each); kernel memory errors and shared-memory hazards are.
 prefix = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "86", "--target-processes", "all",
           "--report-api-errors", "no"]
-run = run_ranks(2, out_dir, ["bf16", "fp8", "split_forms"], timeout_s=480, prefix=prefix)
+os.environ["JAX_LL_EP_FUZZ_CASES"] = "8"  # (a sample of the sample: the tools slow every kernel down)
+run = run_ranks(2, out_dir, ["bf16", "fp8", "split_forms", "mask", "fuzz_sample"], timeout_s=600, prefix=prefix)
 print(tool, "exit codes", run["returncodes"])
 for r, res in sorted(run["results"].items()):
     print(tool, "rank", r, {k: v["ok"] for k, v in res.items()})

@@ -79,6 +79,10 @@ checks=(
   "any-R3-alternating|pass|-DR=3 -DSAME_PROGRAM=0 -DROUTING=0|P5 (+P1-P3), 3 ranks, any programs of fused calls, timeouts"
   "any-R3-all-tokens|pass|-DR=3 -DSAME_PROGRAM=0 -DROUTING=1|P5 (+P1-P3), 3 ranks, as above, one token on every pair"
   "retry-sticky-R2|pass|-DR=2 -DSAME_PROGRAM=0 -DHALVES -DCONTINUE_AFTER_ERROR -DSTICKY_ERRORS|the code: calls resumed after buf.check(); sends refused for good after a timeout/mismatch (RankState::unusable)"
+  "mask-R2-alternating|pass|-DR=2 -DMASKING -DROUTING=0|on_timeout=mask: P1-P4 for what every rank reads, 2 ranks, any wait may time out and mask, late ranks keep writing"
+  "mask-R2-all-tokens|pass|-DR=2 -DMASKING -DROUTING=1|the same, one token on every pair"
+  "mask-death-R2|pass|-DR=2 -DMASKING -DDEATH -DROUTING=1|the same, and rank 1 may be killed at any step (mid-send included)"
+  "mask-slow-R3|pass|-DR=3 -DMASKING -DONE_SLOW -DROUTING=1 -DNCALLS=3 -DSPLIT_OPS=0|on_timeout=mask, 3 ranks, rank 2 late beyond timeout_s (masked, then writing late), fused calls"
   "mut-no-zero-signal|fail:hang|-DR=2 -DMUT_NO_ZERO_SIGNAL|mutation: zero-token pairs get no signal"
   "mut-no-parity|fail:p3|-DR=2 -DMUT_NO_PARITY|mutation: single-buffered signals and regions"
   "mut-no-epoch|fail:p2|-DR=2 -DMUT_NO_EPOCH|mutation: classify_signal ignores the sequence number"
@@ -86,6 +90,8 @@ checks=(
   "mut-no-timeout|fail:hang|-DR=2 -DSAME_PROGRAM=0 -DMUT_NO_TIMEOUT|mutation: the wait has no deadline"
   "mut-no-sticky|fail:p3|-DR=2 -DSAME_PROGRAM=0 -DCONTINUE_AFTER_ERROR|mutation: without RankState::unusable, calls resumed after a timeout overwrite a slow peer's region"
   "mut-no-sticky-silent|fail:p1|-DR=2 -DSAME_PROGRAM=0 -DCONTINUE_AFTER_ERROR -DIGNORE_P3 -DSILENT_ONLY|mutation: ... and a rank that saw no error returns wrong data"
+  "mut-mask-still-sends|fail:p3|-DR=2 -DMASKING -DROUTING=1 -DMUT_MASK_STILL_SENDS|mutation: a rank goes on sending to a rank it masked: it runs ahead and overwrites what that slow rank still reads"
+  "mut-rows-by-token|fail:p1|-DR=2 -DMASKING -DROUTING=1 -DMUT_ROWS_BY_TOKEN|mutation: combine slots not indexed by their writer (the old [token][k] rows): a masked rank's late row lands in a live call's slot"
 )
 if [ "$mode" = "--quick" ]; then
   quick=()

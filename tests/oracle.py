@@ -102,6 +102,34 @@ def sanitize_topk(topk: np.ndarray, num_experts: int) -> np.ndarray:
     return out
 
 
+def mask_routing(topks: list[np.ndarray], masked, num_experts: int) -> list[np.ndarray]:
+    """The routing a masked exchange runs (the contract of ``Buffer.mask_ranks``): every id routed to an expert of a
+    masked rank becomes -1 ("dropped exactly as if its id were -1"), and a masked rank sends nothing (its ids all
+    become -1). The outputs of the live ranks then equal the oracle's on this routing; a masked rank's are
+    unspecified."""
+    masked = set(int(r) for r in masked)
+    num_ranks = len(topks)
+    e_l = num_experts // num_ranks
+    out = []
+    for r, topk in enumerate(topks):
+        t = np.array(topk, dtype=np.int32, copy=True)
+        if r in masked:
+            t[:] = -1
+        else:
+            owner = np.where((t >= 0) & (t < num_experts), t // e_l, -1)
+            t[np.isin(owner, list(masked))] = -1
+        out.append(t)
+    return out
+
+
+def count_dropped(topk: np.ndarray, masked, num_experts: int, num_ranks: int) -> int:
+    """The (token, expert) pairs of one live rank's topk_idx that a mask drops: valid entries (first occurrence of
+    an id in [0, E)) whose expert belongs to a masked rank."""
+    e_l = num_experts // num_ranks
+    clean = sanitize_topk(topk, num_experts)
+    return int(np.sum((clean >= 0) & np.isin(clean // e_l, [int(r) for r in masked])))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------------------------

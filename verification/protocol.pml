@@ -22,6 +22,14 @@
  *   CONTINUE_AFTER_ERROR  a rank keeps calling after an error (buf.check(), then calls on the same buffer).
  *   STICKY_ERRORS  proposed fix: after a timeout or mismatch, the send half refuses to write anything.
  *   ROUTING      0: counts alternate 0/1 over pairs and calls; 1: one token on every pair; 2: chosen per call.
+ *   MASKING      SAME_PROGRAM only: Buffer(on_timeout="mask"). Every wait may time out at any moment while a signal of
+ *                a rank it does not mask is missing; it then masks those ranks and completes without them
+ *                (Call::mask_silent). Masked ranks are sent nothing and never waited on or read (their slots are
+ *                ignored), and whoever is slow goes on writing late. P1-P4 hold for what every rank reads.
+ *   DEATH        with MASKING: the last rank may stop for good at any step (a killed process), mid-send included.
+ *   ONE_SLOW     with MASKING: only the last rank is ever later than timeout_s: another rank's wait times out only
+ *                once every other signal is in and one of the late rank's is missing (the late rank itself may time
+ *                out on anyone). A smaller state space, for R = 3.
  * Diagnostics: IGNORE_P3 (do not stop at property 3), SILENT_ONLY (property 1 only for ranks without an error).
  * Mutations (each must be caught; scripts/model_check.sh expects a violation):
  *   MUT_NO_ZERO_SIGNAL  the send half skips the signal of a zero-token pair.
@@ -29,6 +37,11 @@
  *   MUT_NO_EPOCH        classify_signal() ignores the sequence number (any signal of the right kind "arrived").
  *   MUT_SIGNAL_FIRST    the signals may become visible before the data they announce (no release/acquire order).
  *   MUT_NO_TIMEOUT      the wait has no deadline (SAME_PROGRAM 0 only).
+ *   MUT_MASK_STILL_SENDS  (MASKING) a rank goes on sending to the ranks it masked: it no longer waits for them, so it
+ *                       runs ahead of a slow one and overwrites what that one still reads (P3).
+ *   MUT_ROWS_BY_TOKEN   (MASKING) the combine slots are not indexed by their writer: which rank writes a slot changes
+ *                       from call to call (the earlier [token][k] row layout), so a masked rank's late write lands in
+ *                       a slot a live rank filled for a later call (P1).
  */
 
 #ifndef R
@@ -60,7 +73,7 @@
 #define KNONE 0
 #define KD 1                 /* OpKind::kDispatch */
 #define KC 2                 /* OpKind::kCombine */
-#define ARR(k) ((k) - 1)     /* 0: dispatch_signal / dispatch_recv arrays, 1: combine_signal / combine_recv */
+#define ARR(k) ((k) - 1)     /* 0: the dispatch's signal array (dispatch_signal), 1: the combine's (combine_signal) */
 
 /* A program step. OP_D / OP_C: the fused targets (jax_ll_ep_dispatch / _combine, phases kBothPhases). OP_DS / OP_CS
  * in SAME_PROGRAM: jax_ll_ep_dispatch_send then jax_ll_ep_dispatch_recv (two handler calls). With HALVES: one half. */
@@ -112,18 +125,45 @@
 #endif
 
 /* Shared memory: for every rank r (its region), array a (dispatch / combine), parity p and pair (e, s) with
- * s = the peer rank: Layout::dispatch_signal / combine_signal and the slots of dispatch_message / combine_row that
- * peer s writes for local expert e. pair_index(e, s) = e * R + s (layout.h). */
+ * s = the peer rank: the signal of Layout::dispatch_signal / combine_signal that peer s writes for local expert
+ * e (the receive slots, shared by both kinds, are DREG below). pair_index(e, s) = e * R + s (layout.h). */
 #define REG(r, a, p) ((((r) * 2) + (a)) * 2 + (p))
 #define IDX(r, a, p, e, s) (REG(r, a, p) * NP + (e) * R + (s))
 byte sig[R * 4 * NP];        /* the signal words (zeroed memory at start: Registry::create, registry.cc) */
+/* The receive slots are one area per (rank, parity) for both op kinds (Layout::message): pair (e, s) is written by s
+ * only, a dispatch's tokens or a combine's rows. DREG(r, p) is that area, DIDX a slot of it. */
+#define DREG(r, p) ((r) * 2 + (p))
+#define DIDX(r, p, e, s) (DREG(r, p) * NP + (e) * R + (s))
+
+/* Masking: mk[r] bit s set = rank r treats rank s as masked (rank_mask[0] in r's region, read and written only by r's
+ * calls; global here only so that the ghost checks of property 3 can read it). */
+#ifdef MASKING
+byte mk[R];
+#define MASKED_BY(r, s) ((mk[r] >> (s)) & 1)
+#else
+#define MASKED_BY(r, s) 0
+#endif
+#define MASKED(s) MASKED_BY(me, s)
+#ifdef MUT_MASK_STILL_SENDS
+#define SENDS_TO(d) 1
+#else
+#define SENDS_TO(d) (!MASKED(d))
+#endif
+/* The data slot writer s uses for pair (e, s) of rank r in its call n (the real layout: indexed by the writer). */
+#if defined(MUT_ROWS_BY_TOKEN)
+#define DSLOT(r, p, e, s, k, n) (DREG(r, p) * NP + (e) * R + ((k) == KC -> ((s) + (n) / 2) % R : (s)))
+#else
+#define DSLOT(r, p, e, s, k, n) DIDX(r, p, e, s)
+#endif
 
 /* Ghost state (not in the code; only read by assertions). A "call ordinal" is a rank's count of send halves it
  * started: its own numbering of the calls, kept apart from RankState.seq so that the checks do not trust seq. */
 byte sorig[R * 4 * NP];      /* ordinal of the call whose send half stored sig[i] */
-byte tag[R * 4 * NP];        /* ordinal of the call that last wrote the data slot i (0: never) */
-byte rd[R * 4];              /* per region (r, a, p): ordinal of the call whose receive half is using it (0: none) */
-byte cons[R * 4];            /* per region (r, a, p): ordinal of the last call its owner closed on it (consumed) */
+byte tag[R * 2 * NP];        /* ordinal of the call that last wrote the data slot i (0: never) */
+byte rd[R * 4];              /* per signal region (r, a, p): ordinal of the call whose receive half uses it (0: none) */
+byte cons[R * 4];            /* per signal region (r, a, p): ordinal of the last call its owner closed on it */
+byte rdd[R * 2];             /* the same for the data area (r, p) of both kinds */
+byte consd[R * 2];
 #if !SAME_PROGRAM
 byte kinds[R * (NCALLS + 1)];/* kinds[r * (NCALLS+1) + n]: OpKind of rank r's call ordinal n */
 byte ncalls[R];              /* at the end: calls whose send half rank r ran */
@@ -188,6 +228,13 @@ byte nread[NCALLS];
 #define TRUECNT(j) COUNT((j) % R, me, (j) / R, gcall)
 #endif
 
+/* DEATH: the last rank may stop for good here (SIGKILL), whatever it was doing. */
+#if defined(DEATH)
+#define MAYBE_DIE if :: me == R - 1 -> goto dead :: true -> skip fi
+#else
+#define MAYBE_DIE skip
+#endif
+
 /* Call::fail (protocol.cc): the first error since the last check is kept. */
 inline record(code) {
   if
@@ -198,28 +245,29 @@ inline record(code) {
 
 /* ---- send half: dispatch_send (protocol.cc) / combine_send (protocol.cc) ---- */
 inline data_phase() {
-  /* dispatch_send writes every message of every token into the owner's dispatch_recv[parity] slot (memcpy);
-   * combine_send every row into the source rank's combine_recv[parity] (memcpy). The code's
+  /* dispatch_send writes every message of every token into the owner's receive slot [parity][e][me][slot] (memcpy);
+   * combine_send every row into the source rank's receive slot [parity][e][me][slot] (memcpy). The code's
    * order of pairs follows the routing; the model writes pair by pair, one step each (README, "Order of the
    * writes"). A zero-token pair gets no data. */
   q = 0;
   do
   :: q < NP ->
      d = q / EL; e = q % EL;
-     i = IDX(d, ARR(kind), p, e, me);
+     i = DSLOT(d, p, e, me, kind, gcall);
      if
-     :: SENDCNT(q) == 1 ->
+     :: SENDCNT(q) == 1 && SENDS_TO(d) ->           /* (nothing is written to a masked rank) */
         atomic {
           printf("rank %d call %d: data -> rank %d expert %d\n", me, gcall, d, e);
           /* (3) reuse safety: the message neither overwrites one its owner has not consumed yet, nor lands in a
-           * region its owner is reading for another call */
-          p3_reuse_safety = (tag[i] <= cons[REG(d, ARR(kind), p)] &&
-                             (rd[REG(d, ARR(kind), p)] == 0 || rd[REG(d, ARR(kind), p)] == gcall));
+           * region its owner is reading for another call (unless its owner ignores this writer: masked) */
+          p3_reuse_safety = (MASKED_BY(d, me) || (tag[i] <= consd[DREG(d, p)] &&
+                             (rdd[DREG(d, p)] == 0 || rdd[DREG(d, p)] == gcall)));
           ASSERT_P3;
           tag[i] = gcall
         }
      :: else -> skip
      fi;
+     MAYBE_DIE;
      q++
   :: else -> break
   od
@@ -239,17 +287,22 @@ inline signal_phase() {
      :: SENDCNT(q) == 0 -> skip
      :: else ->
 #endif
+     if
+     :: !SENDS_TO(d) -> skip                         /* no signal to a masked rank */
+     :: else ->
      atomic {
        printf("rank %d call %d: signal seq=%d count=%d -> rank %d expert %d\n", me, gcall, cs,
               SENDCNT(q), d, e);
        /* (3) reuse safety, signal half: the signal replaces one its owner has consumed, in a region its owner is
-        * not waiting on for another call */
-       p3_reuse_safety = (sorig[i] <= cons[REG(d, ARR(kind), p)] &&
-                          (rd[REG(d, ARR(kind), p)] == 0 || rd[REG(d, ARR(kind), p)] == gcall));
+        * not waiting on for another call (unless its owner ignores this writer: masked) */
+       p3_reuse_safety = (MASKED_BY(d, me) || (sorig[i] <= cons[REG(d, ARR(kind), p)] &&
+                          (rd[REG(d, ARR(kind), p)] == 0 || rd[REG(d, ARR(kind), p)] == gcall)));
        ASSERT_P3;
        sig[i] = SIG(cs, kind, SENDCNT(q));
        sorig[i] = gcall
      }
+     fi;
+     MAYBE_DIE;
 #ifdef MUT_NO_ZERO_SIGNAL
      fi;
 #endif
@@ -308,15 +361,49 @@ inline send_half() {
 
 /* ---- receive half: dispatch_recv (protocol.cc) / combine_recv (protocol.cc) ---- */
 
+
 /* The wait of Call::wait_for_signals (protocol.cc), one pair j = pair_index(e, s) = e * R + s:
  *   ARRIVED_J  its own signal (acquire load) classifies as arrived;
  *   MISMATCH_J its own signal is a mismatch, or it is pending and the other kind's signal of the same parity and
  *              pair (acquire load) is a mismatch. */
 #define OWN(j) sig[REG(me, ARR(kind), p) * NP + (j)]
 #define CROSS(j) sig[REG(me, 1 - ARR(kind), p) * NP + (j)]
-#define ARRIVED_J(j) ((j) >= NP || ST(OWN(j), cs, kind) == ARRIVED)
-#define MISMATCH_J(j) ((j) < NP && (ST(OWN(j), cs, kind) == MISMATCH || \
+#define ARRIVED_J(j) ((j) >= NP || MASKED((j) % R) || ST(OWN(j), cs, kind) == ARRIVED)
+#define MISMATCH_J(j) ((j) < NP && !MASKED((j) % R) && (ST(OWN(j), cs, kind) == MISMATCH || \
                        (ST(OWN(j), cs, kind) == PENDING && ST(CROSS(j), cs, kind) == MISMATCH)))
+#ifdef ONE_SLOW
+/* (EL = 2) the other ranks' signals are all in, one of the late rank's is missing */
+#if R == 3
+#define OTHERS_IN (ARRIVED_J(0) && ARRIVED_J(1) && ARRIVED_J(3) && ARRIVED_J(4))
+#else
+#define OTHERS_IN (ARRIVED_J(0) && ARRIVED_J(2))
+#endif
+#define TIMEOUT_ALLOWED (me == R - 1 || (OTHERS_IN && (!ARRIVED_J(R - 1) || !ARRIVED_J(2 * R - 1))))
+#else
+#define TIMEOUT_ALLOWED 1
+#endif
+/* The data slot the receive half reads for pair j (pair_index(e, s) = e * R + s) */
+#define RSLOT(j) DSLOT(me, p, (j) / R, (j) % R, kind, gcall)
+
+/* The outputs are read right away: write_dispatch_outputs (protocol.cc, from dispatch_recv) / combine_recv's
+ * reduction, the pairs of every rank this rank does not mask. Reading at the earliest moment finds every unwritten
+ * slot; a later write of another call is caught by property 3, and by the check at close_call (README). */
+inline read_outputs() {
+  j = 0;
+  do
+  :: j < NP && MASKED(j % R) -> j++                  /* a masked rank's pairs are not read */
+  :: j < NP && !MASKED(j % R) ->
+     /* (2) no stale signal: the accepted signal was stored by the sender's call with my ordinal */
+     p2_no_stale_signal = (sorig[REG(me, ARR(kind), p) * NP + j] == gcall);
+     assert(p2_no_stale_signal);
+     /* (1) completeness: the count is the one sender j % R chose for (me, expert j / R) in this call, and every
+      * token it announced is in place */
+     p1_completeness = (SCNT(OWN(j)) == TRUECNT(j) && (TRUECNT(j) == 0 || tag[RSLOT(j)] == gcall));
+     ASSERT_P1;
+     j++
+  :: else -> break
+  od
+}
 #define ALL_ARRIVED (ARRIVED_J(0) && ARRIVED_J(1) && ARRIVED_J(2) && ARRIVED_J(3) && ARRIVED_J(4) && ARRIVED_J(5))
 #define ANY_MISMATCH (MISMATCH_J(0) || MISMATCH_J(1) || MISMATCH_J(2) || MISMATCH_J(3) || MISMATCH_J(4) || \
                       MISMATCH_J(5))
@@ -333,6 +420,8 @@ inline recv_half() {
      cs = open_seq;
      p = PARITY(cs);
      rd[REG(me, ARR(kind), p)] = gcall;             /* ghost: from here until close_call the region is in use */
+     rdd[DREG(me, p)] = gcall;
+     MAYBE_DIE;
      /* Call::wait_for_signals (protocol.cc; dispatch_recv, combine_recv) polls the pending pairs,
       * pass after pass, until every pair has arrived, a pair shows a mismatch or the deadline passes
       * with pairs pending. A poll
@@ -349,24 +438,7 @@ inline recv_half() {
              record(E_MISMATCH); failed = 1; broken = 1
           :: else ->
              printf("rank %d call %d: all %d signals of seq=%d arrived\n", me, gcall, NP, cs);
-             /* The outputs are read right away: write_dispatch_outputs (protocol.cc, from dispatch_recv) /
-              * combine_recv's reduction. Reading at the earliest moment finds every unwritten
-              * slot; a later write of another call is caught by property 3 until close_call (README). */
-             j = 0;
-             do
-             :: j < NP ->
-                /* (2) no stale signal: the accepted signal was stored by the sender's call with my ordinal */
-                p2_no_stale_signal = (sorig[REG(me, ARR(kind), p) * NP + j] == gcall);
-                assert(p2_no_stale_signal);
-                /* (1) completeness: the count is the one sender j % R chose for (me, expert j / R) in this call,
-                 * and every token it announced is in place */
-                p1_completeness = (SCNT(OWN(j)) == TRUECNT(j) &&
-                                   (TRUECNT(j) == 0 ||
-                                    tag[REG(me, ARR(kind), p) * NP + j] == gcall));
-                ASSERT_P1;
-                j++
-             :: else -> break
-             od;
+             read_outputs();
 #if !SAME_PROGRAM
              /* (5) no silent mismatch: a receive half that succeeds for call n of kind X means every rank made
               * call n of kind X */
@@ -388,6 +460,19 @@ inline recv_half() {
           record(E_TIMEOUT); failed = 1; broken = 1
         }
 #endif
+#ifdef MASKING
+     :: atomic {
+          !ALL_ARRIVED && TIMEOUT_ALLOWED ->          /* -> Call::mask_silent (on_timeout="mask") */
+          j = 0;
+          do
+          :: j < NP && !ARRIVED_J(j) -> mk[me] = mk[me] | (1 << (j % R)); j++
+          :: j < NP && ARRIVED_J(j) -> j++
+          :: else -> break
+          od;
+          printf("rank %d call %d: timeout -> mask %d, the call goes on\n", me, gcall, mk[me]);
+          read_outputs()
+        }
+#endif
      fi;
      /* Call::close_call (protocol.cc): dispatch_recv / combine_recv, and after a failed wait
       * (dispatch_recv / combine_recv). */
@@ -395,15 +480,18 @@ inline recv_half() {
        /* (1) completeness, continued: what the receive half read stayed intact until it returned */
        j = 0;
        do
-       :: !failed && j < NP ->
-          p1_completeness = (TRUECNT(j) == 0 || tag[REG(me, ARR(kind), p) * NP + j] == gcall);
+       :: !failed && j < NP && MASKED(j % R) -> j++
+       :: !failed && j < NP && !MASKED(j % R) ->
+          p1_completeness = (TRUECNT(j) == 0 || tag[RSLOT(j)] == gcall);
           ASSERT_P1;
           j++
        :: else -> break
        od;
        seq = cs; open_seq = 0; open_kind = KNONE;
        cons[REG(me, ARR(kind), p)] = gcall;
-       rd[REG(me, ARR(kind), p)] = 0
+       rd[REG(me, ARR(kind), p)] = 0;
+       consd[DREG(me, p)] = gcall;
+       rdd[DREG(me, p)] = 0
      }
   fi
 }
@@ -455,6 +543,7 @@ proctype Rank(byte me) {
      :: op == OP_END -> break
      :: else -> skip
      fi;
+     MAYBE_DIE;
      /* The handler (cpu_handlers.cc: DispatchImpl / DispatchSendImpl / DispatchRecvImpl and the combine ones)
       * calls run() (protocol.cc) with its phases: the send half, then (if it succeeded) the receive half. */
      if
@@ -503,6 +592,9 @@ proctype Rank(byte me) {
   /* (4) with the same program on every rank, no call may end in an error (no false mismatch, no misuse) */
   p4_no_false_error = (err == E_OK);
   assert(p4_no_false_error);
+#endif
+#if defined(DEATH)
+dead:                        /* (a killed rank ends here, at any step; the others must still end: property 4) */
 #endif
   finished++
 }

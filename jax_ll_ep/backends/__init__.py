@@ -36,6 +36,15 @@ class Backend(Protocol):
     def close(self) -> None:
         """Frees the memory; collective and idempotent."""
 
+    def mask_ranks(self, ranks: tuple[int, ...]) -> None:
+        """Sets the mask (validated, sorted, unique ranks); collective over the live processes."""
+
+    def masked_ranks(self) -> tuple[int, ...]:
+        """The ranks this process's ranks treat as masked."""
+
+    def dropped_pairs(self) -> dict:
+        """{(group, rank): DroppedPairs} of this process's ranks."""
+
     def dispatch(self, x, topk_idx, fp8: Fp8Options | None): ...
 
     def combine(self, y, topk_idx, topk_weights, handle: DispatchHandle): ...

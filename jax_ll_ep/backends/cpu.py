@@ -38,8 +38,8 @@ class CpuBackend(NativeBackend):
     module = cpu_module  # the extension module holding the buffer (its test hooks too: jax_ll_ep/testing/)
 
     def __init__(self, config: BufferConfig, mesh: Mesh, handle: int):
-        super().__init__(config, handle)
         groups = device_groups(mesh, config.axis_name)
+        super().__init__(config, handle, groups)
         self.num_groups = groups.shape[0]
         self.region_bytes = region_bytes(
             config.num_ranks, config.num_experts, config.max_tokens_per_rank, config.hidden
@@ -61,6 +61,7 @@ class CpuBackend(NativeBackend):
             max_tokens=config.max_tokens_per_rank,
             hidden=config.hidden,
             timeout_s=float(config.timeout_s),
+            on_timeout_mask=config.on_timeout == "mask",
             num_groups=self.num_groups,
             devices=local,
         )
@@ -77,9 +78,10 @@ class CpuBackend(NativeBackend):
         # every process.
         return f"jax_ll_ep/cpu/{self.handle}/{what}"
 
-    def _barrier(self, client, what: str) -> None:
-        everyone = self._processes == list(range(jax.process_count()))
-        client.wait_at_barrier(self._key(what), _BOOTSTRAP_TIMEOUT_MS, None if everyone else self._processes)
+    def _barrier(self, client, what: str, processes: list[int] | None = None) -> None:
+        processes = self._processes if processes is None else processes
+        everyone = processes == list(range(jax.process_count()))
+        client.wait_at_barrier(self._key(what), _BOOTSTRAP_TIMEOUT_MS, None if everyone else processes)
 
     def _create_shared(self, create: dict) -> None:
         client = distributed_client()
@@ -134,6 +136,12 @@ class CpuBackend(NativeBackend):
         if records:
             raise exception(self.name, records)
 
+    def _mask_states(self) -> list[dict]:
+        return cpu_module.mask_states(self.handle)
+
+    def _set_mask(self, ranks: tuple[int, ...], seq: int) -> None:
+        cpu_module.set_mask(self.handle, list(ranks), seq)
+
     def close(self) -> None:
         """Collective (a barrier over the mesh's processes) and idempotent."""
         if self._closed:
@@ -143,9 +151,10 @@ class CpuBackend(NativeBackend):
         barrier_error = None
         if self.multiprocess:
             client = distributed_client()
-            if client is not None:  # None at exit once jax.distributed has shut down: nothing to wait for
+            live = self.live_processes()  # (a process whose ranks mask_ranks masked may be gone: not waited for)
+            if client is not None and jax.process_index() in live:  # (None at exit after jax.distributed's shutdown)
                 try:
-                    self._barrier(client, "close")
+                    self._barrier(client, "close", live)
                 except Exception as exc:  # noqa: BLE001 - free our memory anyway, then report
                     barrier_error = exc
         cpu_module.destroy_buffer(self.handle)

@@ -21,7 +21,10 @@ NVSHMEM bootstrap (collective over every process, outside jit):
      peer table (``nvshmem_ptr`` pointers for load/store-reachable peers, NVSHMEM device puts for the others, or for
      every peer with ``force_put``) and waits for everyone before any kernel may write to a peer.
   3. Teardown: ``close()`` frees the region collectively; at exit the module's ``nvshmem_finalize`` runs, then the
-     remaining regions are freed, then nvshmem4py's ``finalize``. Idempotent.
+     remaining regions are freed, then nvshmem4py's ``finalize``. Idempotent. Once ``mask_ranks`` has left out every
+     rank of some process (a process that died), the collective steps would wait for it forever: ``close()`` then waits
+     only for the live processes and keeps the region (freed when the process exits), and the exit skips NVSHMEM's
+     collective finalize.
 
 The processes' NVSHMEM PE index is their JAX process index. The native registry holds one entry per (buffer, CUDA
 device); an FFI call finds its entry by the device XLA runs it on.
@@ -72,6 +75,7 @@ def choose_transport(options: CudaOptions, processes_in_mesh: int) -> str:
 _lock = threading.RLock()
 _nvshmem_ready = False
 _live: list[CudaBackend] = []
+_process_gone = False  # mask_ranks left out every rank of some process: NVSHMEM's collective teardown would hang
 
 
 def _cuda_device(ordinal: int):
@@ -129,6 +133,10 @@ def _finalize_at_exit() -> None:
         _nvshmem_ready = False
         import nvshmem.core as nvshmem
 
+        if _process_gone:
+            log.warning("jax_ll_ep: a process of the job is gone (masked): skipping NVSHMEM's collective finalize")
+            return
+
         for backend in reversed(list(_live)):
             try:
                 backend._unregister()
@@ -161,12 +169,12 @@ class CudaBackend(NativeBackend):
     name = "cuda"
 
     def __init__(self, config: BufferConfig, mesh: Mesh, handle: int, options: CudaOptions):
-        super().__init__(config, handle)
+        groups = device_groups(mesh, config.axis_name)
+        super().__init__(config, handle, groups)
         self.options = options
         self._closed = False
         self._buffer = None  # nvshmem transport: the symmetric allocation
         me = jax.process_index()
-        groups = device_groups(mesh, config.axis_name)
         processes = sorted({int(d.process_index) for d in groups.flat})
         mine = [(g, r) for (g, r), d in np.ndenumerate(groups) if d.process_index == me]
         self.transport = choose_transport(options, len(processes))
@@ -218,7 +226,20 @@ class CudaBackend(NativeBackend):
 
     def _barrier(self, what: str) -> None:
         if self.transport == "nvshmem" and jax.process_count() > 1:
-            distributed_client().wait_at_barrier(self._key(what), _BOOTSTRAP_TIMEOUT_MS)
+            live = self.live_processes()  # (every process, unless mask_ranks left one out: not waited for)
+            if jax.process_index() not in live:
+                return
+            everyone = live == list(range(jax.process_count()))
+            distributed_client().wait_at_barrier(self._key(what), _BOOTSTRAP_TIMEOUT_MS, None if everyone else live)
+
+    def _process_left_out(self) -> bool:
+        return self.transport == "nvshmem" and self.live_processes() != list(range(jax.process_count()))
+
+    def mask_ranks(self, ranks: tuple[int, ...]) -> None:
+        global _process_gone
+        super().mask_ranks(ranks)
+        if self._process_left_out():
+            _process_gone = True
 
     def _check_memory(self) -> None:
         """Every process checks its GPUs' free memory; all raise together if any is short (an NVSHMEM allocation
@@ -259,6 +280,7 @@ class CudaBackend(NativeBackend):
             peer_regions=peers,
             peer_pes=pes,
             timeout_s=float(c.timeout_s),
+            on_timeout_mask=c.on_timeout == "mask",
             trace=self.options.trace,
         )
         x.registered = True
@@ -318,6 +340,15 @@ class CudaBackend(NativeBackend):
         if records:
             raise exception(self.name, records)
 
+    def _mask_states(self) -> list[dict]:
+        return [
+            {"group": x.group, "rank": x.rank, **self._module.mask_state(self.handle, x.ordinal)} for x in self._ranks
+        ]
+
+    def _set_mask(self, ranks: tuple[int, ...], seq: int) -> None:
+        for x in self._ranks:
+            self._module.set_mask(self.handle, x.ordinal, list(ranks), seq)
+
     def close(self) -> None:
         """Collective and idempotent."""
         with _lock:
@@ -326,6 +357,14 @@ class CudaBackend(NativeBackend):
             settle_order_token(self.handle)
             self._unregister()
             self._barrier("close")  # every rank's kernels are done before anyone frees
+            if self._process_left_out():
+                # nvshmem's free is collective: it would wait for the process that is gone. The region stays
+                # allocated until this process exits.
+                log.warning("jax_ll_ep: cuda buffer %d: a process is gone; its region is kept until exit", self.handle)
+                self._buffer = None
+                if self in _live:
+                    _live.remove(self)
+                return
             self._free()
 
     def trace(self) -> tuple[bytes, int]:

@@ -249,7 +249,11 @@ def combine(config: BufferConfig, y, topk_idx, topk_weights, handle: DispatchHan
 # ---------------------------------------------------------------------------------------------------------------
 class XlaBackend:
     """A buffer of the ``xla`` backend: no memory outside XLA. Its dispatch treats bad ids as -1 and reports the
-    first of each rank's call through a host callback; ``check()`` raises them."""
+    first of each rank's call through a host callback; ``check()`` raises them.
+
+    Masking is only the dropped-pair rule here (nothing waits on peers, so nothing can time out): ids routed to a
+    masked rank's experts become -1, and a masked rank's own ids all do (it sends and receives nothing). The mask is
+    part of the traced program, so ``mask_ranks`` clears JAX's caches and programs are traced again."""
 
     name = "xla"
     region_bytes = 0
@@ -259,6 +263,32 @@ class XlaBackend:
         self.mesh = mesh
         self._errors_lock = threading.Lock()
         self._routing_errors: list[tuple] = []
+        self._masked: tuple[int, ...] = ()
+
+    # ---- masking ----
+    def mask_ranks(self, ranks: tuple[int, ...]) -> None:
+        jax.effects_barrier()
+        if ranks != self._masked:
+            self._masked = ranks
+            jax.clear_caches()  # the mask is a constant of every program traced with it
+
+    def masked_ranks(self) -> tuple[int, ...]:
+        return self._masked
+
+    def dropped_pairs(self):
+        raise NotImplementedError(
+            "the xla backend does not count dropped pairs (its mask is only the dropped-pair rule); use the cpu or "
+            "cuda backend"
+        )
+
+    def _mask(self, topk_idx):
+        """topk_idx with every id routed to a masked rank's experts, and every id of a masked rank, set to -1."""
+        if not self._masked:
+            return topk_idx
+        masked = jnp.asarray(self._masked, jnp.int32)
+        owner = jnp.where(topk_idx >= 0, topk_idx // self.config.num_local_experts, -1)
+        dropped = jnp.isin(owner, masked) | jnp.isin(jax.lax.axis_index(self.config.axis_name), masked)
+        return jnp.where(dropped, -1, topk_idx)
 
     # ---- lifecycle ----
     def check(self) -> None:
@@ -305,25 +335,29 @@ class XlaBackend:
             self._routing_errors.append(record)
 
     def _report(self, topk_idx) -> None:
+        if self._masked:  # a masked rank's own ids are not read (as on the native backends)
+            me_masked = jnp.isin(jax.lax.axis_index(self.config.axis_name), jnp.asarray(self._masked, jnp.int32))
+            topk_idx = jnp.where(me_masked, -1, topk_idx)
         _report_routing_errors(topk_idx, self.config.num_experts, self._place(), self._on_routing_error)
 
     def dispatch(self, x, topk_idx, fp8: Fp8Options | None):
         self._report(topk_idx)
-        return dispatch(self.config, x, topk_idx, fp8=fp8)
+        return dispatch(self.config, x, self._mask(topk_idx), fp8=fp8)
 
     def combine(self, y, topk_idx, topk_weights, handle: DispatchHandle):
-        return combine(self.config, y, topk_idx, topk_weights, handle)
+        return combine(self.config, y, self._mask(topk_idx), topk_weights, handle)
 
     def dispatch_send(self, x, topk_idx, fp8: Fp8Options | None) -> DispatchPending:
         self._report(topk_idx)
         exchange = _dispatch_exchange if fp8 is None else _dispatch_exchange_fp8
-        return DispatchPending(exchange(self.config, fp8, x, topk_idx), fp8)
+        return DispatchPending(exchange(self.config, fp8, x, self._mask(topk_idx)), fp8)
 
     def dispatch_recv(self, pending: DispatchPending):
         recv_expert, received = pending.ticket
         return _dispatch_layout(self.config, pending.fp8, recv_expert, received)
 
     def combine_send(self, y, topk_idx, topk_weights, handle: DispatchHandle) -> CombinePending:
+        topk_idx = self._mask(topk_idx)
         return CombinePending(_combine_exchange(self.config, y, topk_idx, handle), topk_idx, topk_weights)
 
     def combine_recv(self, pending: CombinePending):

@@ -61,12 +61,14 @@ def launch_ranks(
     env: Mapping[str, str] | None = None,
     grace_s: float = 0.0,
     log_name: str = "rank{}.log",
+    may_die: Sequence[int] = (),
 ) -> LaunchResult:
     """Starts one process per command (process ``i`` runs ``commands[i]``, its output in
     ``log_dir / log_name.format(i)``) and waits for all of them. Shared fate: once one exits with a failure, the
     others get ``grace_s`` seconds to finish on their own (e.g. to report their own error), then are killed; past
     ``deadline_s`` everyone is killed. Each process leads its own process group, so killing it also ends what it
-    started. ``env`` is the processes' whole environment (default: this process's)."""
+    started. ``env`` is the processes' whole environment (default: this process's). Processes in ``may_die`` (a fault
+    test's victims) do not trigger shared fate when they exit with a failure."""
     if not commands:
         raise ValueError("commands must hold at least one command line, got none")
     if deadline_s <= 0 or grace_s < 0:
@@ -88,7 +90,7 @@ def launch_ranks(
         stop_at = start + deadline_s
         while True:
             codes = [p.poll() for p in procs]
-            failed = [i for i, rc in enumerate(codes) if rc not in (None, 0)]
+            failed = [i for i, rc in enumerate(codes) if rc not in (None, 0) and i not in may_die]
             if failed and first_failure is None:
                 first_failure = failed[0]
                 stop_at = min(stop_at, time.monotonic() + grace_s)

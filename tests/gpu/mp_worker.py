@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -31,6 +33,9 @@ SELECTED = sys.argv[5:]
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
+
+if "killed" in SELECTED:  # a process of the job will die: the others must keep going
+    jax.config.update("jax_enable_recoverability", True)
 
 jax.distributed.initialize(
     coordinator_address=f"127.0.0.1:{PORT}", num_processes=NRANKS, process_id=RANK, local_device_ids=[0]
@@ -87,7 +92,7 @@ def local(arr) -> np.ndarray:
     return np.asarray(arr.addressable_shards[0].data)
 
 
-def make_buffer(mesh=None, *, num_experts, max_tokens, hidden, timeout_s=TIMEOUT_S, cuda=None):
+def make_buffer(mesh=None, *, num_experts, max_tokens, hidden, timeout_s=TIMEOUT_S, cuda=None, on_timeout="raise"):
     return ep.Buffer(
         mesh if mesh is not None else mesh_1d(),
         "ep",
@@ -96,6 +101,7 @@ def make_buffer(mesh=None, *, num_experts, max_tokens, hidden, timeout_s=TIMEOUT
         hidden=hidden,
         backend=os.environ.get("JAX_LL_EP_SUITE_BACKEND", "cuda"),  # "cpu": dry-run the suite's logic without a GPU
         timeout_s=timeout_s,
+        on_timeout=on_timeout,
         cuda=cuda,  # (the cpu backend ignores it)
     )
 
@@ -512,6 +518,235 @@ def check_timeout():
         assert_clean(buf)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Masking, a rank that stops, a fuzz sample (docs/reliability.md)
+# ---------------------------------------------------------------------------------------------------------------
+def same_values(got, want, what: str) -> None:
+    """Bitwise equal, except that a NaN only has to meet a NaN (NaN payloads are not part of the contract)."""
+    nan = np.isnan(np.asarray(want).astype(np.float32))
+    assert np.array_equal(np.isnan(np.asarray(got).astype(np.float32)), nan), f"{what}: NaN in different places"
+    g, w = np.array(got, copy=True), np.array(want, copy=True)
+    g[nan], w[nan] = 0, 0
+    oracle.assert_bitwise_equal(g, w, what=what)
+
+
+def masked_roundtrip(buf, masked, inputs, *, fp8=None, with_combine=True, where=""):
+    """dispatch (+ combine with random expert outputs) on `buf` while `masked` ranks are masked: a live rank's
+    outputs equal the oracle on the masked routing (oracle.mask_routing), bit for bit; a masked rank's are not
+    looked at. Returns this rank's dispatch outputs."""
+    cfg = buf.config
+    rng, xs, topks, ws = inputs
+    live = oracle.mask_routing(topks, masked, cfg.num_experts)
+    got = local_dict(dispatch_fn(buf, fp8_opt(fp8))(shard(buf, xs), shard(buf, topks)))
+    want = oracle.dispatch(xs, live, cfg.num_experts, cfg.max_tokens_per_rank, fp8)
+    if RANK not in masked:
+        oracle.assert_dispatch_equal(got, want[RANK], where=f"{where} rank {RANK}")
+    if not with_combine:
+        return got
+    ys = expert_outputs(rng, want, cfg.hidden)
+    args = [[ys[RANK]] * R, topks, ws] + [[got[k]] * R for k in ("src_info", "layout_range", "src_topk_pos")]
+    out = local(combine_fn(buf)(*(shard(buf, a) for a in args)))
+    want_out = oracle.combine(ys, live, ws, want, cfg.num_experts, cfg.max_tokens_per_rank)
+    if RANK not in masked:
+        same_values(out, want_out[RANK], f"{where} combine rank {RANK}")
+    return got
+
+
+def check_mask():
+    """mask_ranks on a buffer whose programs stay compiled (and, with command buffers on, captured): the last rank,
+    rank 0 (the fused dispatch's direct-write rank), all but rank 0, then none; every live rank against the masked
+    oracle, its dropped pairs counted; fp8 under a mask; and a masked rank's own calls return at once."""
+    buf = main_buffer()
+    cfg = buf.config
+    if R == 1:
+        try:
+            buf.mask_ranks([0])
+        except ValueError:
+            return
+        raise AssertionError("masking the only rank was accepted")
+    for i, masked in enumerate([(R - 1,), (0,), tuple(range(1, R)), ()]):
+        buf.mask_ranks(masked)
+        assert buf.masked_ranks == masked, (buf.masked_ranks, masked)
+        for j in range(2):
+            inputs = main_inputs(1900 + 10 * i + j)
+            masked_roundtrip(buf, masked, inputs, where=f"mask {masked} round {j}")
+            if RANK not in masked:
+                n = oracle.count_dropped(inputs[2][RANK], masked, cfg.num_experts, R)
+                dropped = next(iter(buf.dropped_pairs().values()))
+                assert dropped.last_call == n, f"dropped {dropped}, want last_call={n}"
+    buf.mask_ranks([R - 1])
+    masked_roundtrip(buf, (R - 1,), main_inputs(1950), fp8="ue8m0", with_combine=False, where="mask fp8")
+    buf.mask_ranks([])
+    masked_roundtrip(buf, (), main_inputs(1951), where="unmasked again")
+    assert_clean(buf)
+
+
+def _stopped_rank(on_timeout: str) -> None:
+    """Rank R-1 skips a dispatch (its process lives on, like a rank that was only slow): the others' call stops
+    after timeout_s (on_timeout="raise": ProtocolTimeoutError; "mask": the call completes and check() reports
+    RanksMaskedError). With "raise", every process then masks it (mask_ranks([R-1])); the others' next calls never
+    wait for it and equal the masked oracle; finally every process restores it and calls are exact again."""
+    gone = R - 1
+    small = dict(num_ranks=R, n=8, hidden=128, topk=2, num_experts=2 * R)
+    with make_buffer(num_experts=2 * R, max_tokens=8, hidden=128, timeout_s=2.0, on_timeout=on_timeout) as buf:
+        masked_roundtrip(buf, (), make_inputs(2000, **small), where="before")  # compiled, everyone in step
+        barrier(f"stop/{on_timeout}")
+        if RANK != gone:
+            t0 = time.time()
+            run_allowing_failure(dispatch_fn(buf, None), *(shard(buf, a) for a in make_inputs(2001, **small)[1:3]))
+            try:
+                buf.check()
+            except ep.ProtocolTimeoutError as exc:
+                assert isinstance(exc, ep.RanksMaskedError) == (on_timeout == "mask"), repr(exc)
+                assert {r for r, _ in exc.missing} == {gone}, exc.missing
+            else:
+                raise AssertionError("the rank that stopped was not reported")
+            assert time.time() - t0 < 60, "the call took far longer than timeout_s"
+        if on_timeout == "raise":
+            buf.mask_ranks([gone])  # every process, the stopped one too: the calls line up again
+        if RANK != gone:
+            assert buf.masked_ranks == (gone,), buf.masked_ranks
+            t0 = time.time()
+            for i in range(3):
+                masked_roundtrip(buf, (gone,), make_inputs(2010 + i, **small), where=f"without rank {gone}, {i}")
+            assert time.time() - t0 < 3 * 2.0, "a call waited for the masked rank"
+            assert_clean(buf)
+        barrier(f"stop/{on_timeout}/back")
+        buf.mask_ranks([])
+        for i in range(2):
+            masked_roundtrip(buf, (), make_inputs(2020 + i, **small), where=f"rank {gone} back, {i}")
+        assert_clean(buf)
+
+
+def check_stopped_rank_masked():
+    if R >= 2:
+        _stopped_rank("mask")
+
+
+def check_stopped_rank_raise_then_mask():
+    if R >= 2:
+        _stopped_rank("raise")
+
+
+def check_fuzz_sample():
+    """16 random cases (JAX_LL_EP_FUZZ_CASES) on two buffer shapes: tokens per rank, top-k, -1 / out-of-range /
+    repeated ids, NaN/Inf/0 weights, fp8 formats and masked sets; every case equals the masked oracle (routing
+    errors: the bad entries treated as -1) and a rank reports a routing error exactly when its own topk_idx holds
+    one. (tests/test_fuzz.py runs hundreds on CPU; this is the sample compute-sanitizer also runs.)"""
+    rng = np.random.default_rng(2100)
+    shapes = [dict(num_experts=4 * R, max_tokens=16, hidden=256), dict(num_experts=2 * R, max_tokens=5, hidden=128)]
+    bufs = [make_buffer(**shape) for shape in shapes]
+    try:
+        for case in range(int(os.environ.get("JAX_LL_EP_FUZZ_CASES", "16"))):
+            b = bufs[case % 2]
+            cfg = b.config
+            e, t = cfg.num_experts, cfg.max_tokens_per_rank
+            n = int(rng.choice([1, t // 2, t]))
+            k = int(rng.choice([1, 2, 3, 8]))
+            fp8 = rng.choice([None, "float", "pow2", "ue8m0"]) if case % 3 else None
+            masked = tuple(sorted(set(rng.choice(R, size=int(rng.integers(0, R)), replace=False).tolist())))
+            xs = [testing.random_tokens(rng, n, cfg.hidden) for _ in range(R)]
+            topks = []
+            for _ in range(R):
+                # out-of-range ids and repeats (not in a dry run on the cpu backend, which fails such a call on the
+                # bad rank while its peers wait for its next one)
+                errors = os.environ.get("JAX_LL_EP_SUITE_BACKEND", "cuda") == "cuda"
+                topk = np.where(rng.random((n, k)) < (0.5 if errors else 0.0), rng.integers(0, e, (n, k)), -1)
+                topk[:, : min(k, e)] = testing.random_routing(rng, n, min(k, e), e)
+                if case % 4 == 1 and errors:
+                    topk[rng.random((n, k)) < 0.1] = e + 2
+                    topk[:, -1] = np.where(rng.random(n) < 0.2, topk[:, 0], topk[:, -1])
+                topks.append(topk.astype(np.int32))
+            ws = []
+            for topk in topks:
+                w = rng.standard_normal(topk.shape).astype(np.float32)
+                w[rng.random(w.shape) < 0.1] = rng.choice(np.array([np.nan, np.inf, 0.0], np.float32))
+                ws.append(w)
+            b.mask_ranks(masked)
+            inputs = (np.random.default_rng(case), xs, topks, ws)
+            # (a masked rank does not read its topk_idx: it reports nothing)
+            own = topks[RANK]
+            bad = RANK not in masked and bool(
+                np.any(own < -1) or np.any(oracle.sanitize_topk(own, e) != np.where(own < 0, -1, own))
+            )
+            try:
+                masked_roundtrip(b, masked, inputs, fp8=None if fp8 is None else str(fp8), where=f"fuzz case {case}")
+                raised = False
+            except jax.errors.JaxRuntimeError:  # a checked backend (cpu) fails the call on a routing error
+                raised = True
+            try:
+                b.check()
+                reported = False
+            except ep.RoutingError:
+                reported = True
+            if bad:  # the cuda fast path records it and the next call raises; the cpu backend fails the call
+                assert raised or reported, f"fuzz case {case}: this rank's routing error was not reported"
+            else:
+                assert not raised and not reported, f"fuzz case {case}: a routing error reported for clean routing"
+        for b in bufs:
+            b.mask_ranks([])
+            assert_clean(b)
+    finally:
+        for b in bufs:
+            b.close()
+
+
+def check_killed():
+    """(Run alone, by test_gpu_suite.py's test_gpu_killed_peer.) Rank R-1's process SIGKILLs itself at a random
+    moment while every rank runs back-to-back round trips (on_timeout="mask"). The survivors' next call ends within
+    timeout_s with the dead rank masked; they mask it together (mask_ranks) and make 100 further calls that equal the
+    oracle for the live experts, then close the buffer; main() lets them exit without waiting for the dead one."""
+    gone, timeout_s = R - 1, 2.0
+    small = dict(num_ranks=R, n=8, hidden=128, topk=2, num_experts=2 * R)
+    buf = make_buffer(num_experts=2 * R, max_tokens=8, hidden=128, timeout_s=timeout_s, on_timeout="mask")
+    cfg = buf.config
+
+    def run(seed):
+        rng, xs, topks, ws = make_inputs(seed, **small)
+        got = dispatch_fn(buf, None)(shard(buf, xs), shard(buf, topks))
+        y = [local(got["recv_x"])] * R
+        handle = [[local(got[k])] * R for k in ("src_info", "layout_range", "src_topk_pos")]
+        out = combine_fn(buf)(*(shard(buf, a) for a in [y, topks, ws, *handle]))
+        return (xs, topks, ws), local_dict(got), local(out)
+
+    def compare(inputs, got, out, masked, where):
+        xs, topks, ws = inputs
+        live = oracle.mask_routing(topks, masked, cfg.num_experts)
+        want = oracle.dispatch(xs, live, cfg.num_experts, cfg.max_tokens_per_rank)
+        oracle.assert_dispatch_equal(got, want[RANK], where=where)
+        ys = [w["recv_x"] for w in want]
+        want_out = oracle.combine(ys, live, ws, want, cfg.num_experts, cfg.max_tokens_per_rank)
+        same_values(out, want_out[RANK], f"{where} combine")
+
+    run(2200)  # compiled before anyone dies
+    barrier("killed")
+    if RANK == gone:
+        delay = float(np.random.default_rng(int(time.time() * 1e6) % (1 << 31)).uniform(0.5, 3.0))
+        print(f"[rank {RANK}] killed: SIGKILL in {delay:.2f} s", flush=True)
+        threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    calls = 0
+    for i in range(1, 1_000_000):
+        t0 = time.time()
+        inputs, got, out = run(2200 + i)
+        try:
+            buf.check()
+        except ep.RanksMaskedError as exc:
+            elapsed = time.time() - t0
+            assert gone in exc.masked, exc.masked
+            assert elapsed < timeout_s + 30.0, f"the call after the fault took {elapsed:.1f} s"
+            break
+        compare(inputs, got, out, (), f"before the fault, round trip {i}")
+        calls += 2
+    print(f"[rank {RANK}] killed: fault seen after {calls} calls ({elapsed:.2f} s)", flush=True)
+    buf.mask_ranks([gone])
+    for j in range(50):  # 100 calls
+        inputs, got, out = run(300_000 + j)
+        compare(inputs, got, out, (gone,), f"after the fault, round trip {j}")
+    assert_clean(buf)
+    buf.close()  # (collective over the live processes only)
+    print(f"[rank {RANK}] killed: 100 calls after the fault matched the oracle", flush=True)
+
+
 CHECKS = {
     "bf16": check_bf16,
     "fp8": check_fp8,
@@ -531,11 +766,16 @@ CHECKS = {
     "mesh_2d": check_mesh_2d,
     "sequence_mismatch": check_sequence_mismatch,
     "timeout": check_timeout,
+    "mask": check_mask,
+    "stopped_rank_masked": check_stopped_rank_masked,
+    "stopped_rank_raise_then_mask": check_stopped_rank_raise_then_mask,
+    "fuzz_sample": check_fuzz_sample,
+    "killed": check_killed,  # (not in the default list: test_gpu_killed_peer runs it alone)
 }
 
 
 def main() -> None:
-    names = SELECTED or list(CHECKS)
+    names = SELECTED or [name for name in CHECKS if name != "killed"]
     path = os.path.join(OUT_DIR, f"rank{RANK}.json")
     results = {}
     for name in names:
@@ -554,6 +794,18 @@ def main() -> None:
             f"[rank {RANK}] {name}: {'ok' if results[name]['ok'] else 'FAILED'} ({results[name]['seconds']} s)",
             flush=True,
         )
+    if names == ["killed"]:
+        # A clean exit with a process gone: the survivors meet, the others disconnect from jax.distributed while
+        # process 0 (its coordination service) is still up, and process 0 leaves last.
+        survivors = list(range(NRANKS - 1))
+        client().wait_at_barrier("gpu_suite/killed/end", 300_000, survivors)
+        if RANK != 0:
+            jax.distributed.shutdown()
+        else:
+            deadline = time.time() + 60
+            while len(client().get_live_nodes(survivors)) > 1 and time.time() < deadline:
+                time.sleep(0.05)
+        return
     barrier("end")
     if "buf" in _main:
         _main["buf"].close()

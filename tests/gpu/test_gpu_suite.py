@@ -7,7 +7,7 @@ run concurrently, and gives each process its share of the GPU). Each rank count 
 every check of tests/gpu/mp_worker.py in them; each (rank count, check) is one test here. Environment:
   JAX_LL_EP_GPU_RANKS   rank counts to run (default "1,2,4,8")
   JAX_LL_EP_GPU_OUT     folder for per-rank logs and results (default: a temporary folder)
-  JAX_LL_EP_GPU_SUITE_TIMEOUT   seconds for one rank count's whole run (default 420)
+  JAX_LL_EP_GPU_SUITE_TIMEOUT   seconds for one rank count's whole run (default 600)
   JAX_LL_EP_GPU_CHECKS  a comma-separated subset of the checks (default: all)
 """
 
@@ -45,8 +45,12 @@ CHECKS = [
     "mesh_2d",
     "sequence_mismatch",
     "timeout",
+    "mask",
+    "stopped_rank_masked",
+    "stopped_rank_raise_then_mask",
+    "fuzz_sample",
 ]
-SUITE_TIMEOUT_S = float(os.environ.get("JAX_LL_EP_GPU_SUITE_TIMEOUT", "420"))
+SUITE_TIMEOUT_S = float(os.environ.get("JAX_LL_EP_GPU_SUITE_TIMEOUT", "600"))
 # JAX_LL_EP_GPU_CHECKS: a comma-separated subset of CHECKS to run (the others are skipped)
 SELECTED = [c for c in os.environ.get("JAX_LL_EP_GPU_CHECKS", "").split(",") if c] or CHECKS
 
@@ -67,7 +71,9 @@ def worker_env(num_ranks: int) -> dict:
     return env
 
 
-def run_ranks(num_ranks: int, out_dir: str, checks=(), *, timeout_s: float = SUITE_TIMEOUT_S, prefix=()) -> dict:
+def run_ranks(
+    num_ranks: int, out_dir: str, checks=(), *, timeout_s: float = SUITE_TIMEOUT_S, prefix=(), may_die=()
+) -> dict:
     """Starts one worker process per rank (``prefix`` goes before each command line, e.g. a sanitizer) and waits
     for all of them: shared fate (when one exits with an error, the others get 20 s to report their own results,
     then are killed) and a deadline. Returns {"returncodes", "results": {rank: {check: ...}}, "logs": {rank: tail}}."""
@@ -75,7 +81,9 @@ def run_ranks(num_ranks: int, out_dir: str, checks=(), *, timeout_s: float = SUI
     commands = [
         [*prefix, sys.executable, WORKER, str(r), str(num_ranks), str(port), out_dir, *checks] for r in range(num_ranks)
     ]
-    run = launch_ranks(commands, log_dir=out_dir, deadline_s=timeout_s, env=worker_env(num_ranks), grace_s=20.0)
+    run = launch_ranks(
+        commands, log_dir=out_dir, deadline_s=timeout_s, env=worker_env(num_ranks), grace_s=20.0, may_die=may_die
+    )
     results = {}
     for r in range(num_ranks):
         path = os.path.join(out_dir, f"rank{r}.json")
@@ -122,6 +130,22 @@ def test_gpu_processes_exit_cleanly(num_ranks):
     run = suite(num_ranks)
     bad = {r: c for r, c in enumerate(run["returncodes"]) if c != 0}
     assert not bad, f"exit codes {bad}; log tails:\n" + "\n".join(run["logs"][r] for r in bad)
+
+
+@pytest.mark.parametrize("num_ranks", [r for r in RANKS if r >= 2])
+def test_gpu_killed_peer(num_ranks):
+    """The last rank's process SIGKILLs itself mid-run (mp_worker.py: check_killed): the survivors go on with it
+    masked, make 100 calls that equal the oracle, and exit 0; nothing hangs (the launcher's deadline)."""
+    if "killed" not in SELECTED and SELECTED != CHECKS:
+        pytest.skip("killed not selected (JAX_LL_EP_GPU_CHECKS)")
+    base = os.environ.get("JAX_LL_EP_GPU_OUT") or tempfile.mkdtemp(prefix="jax_ll_ep_gpu_")
+    out_dir = os.path.join(base, f"killed{num_ranks}")
+    run = run_ranks(num_ranks, out_dir, ["killed"], timeout_s=300, may_die=(num_ranks - 1,))
+    assert run["returncodes"][-1] == -9, f"the victim did not die by SIGKILL: {run['returncodes']}\n{run['logs']}"
+    for r in range(num_ranks - 1):
+        res = run["results"].get(r, {}).get("killed")
+        assert res is not None and res["ok"], f"rank {r}: {res and res.get('error')}\n{run['logs'][r]}"
+        assert run["returncodes"][r] == 0, f"rank {r} exit code {run['returncodes'][r]}:\n{run['logs'][r]}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ def launch(
     deadline_s: float = 300.0,
     log_dir: str | Path,
     env: dict[str, str] | None = None,
+    may_die: tuple[int, ...] = (),
 ) -> LaunchResult:
     port = free_port()
     child_env = dict(os.environ)
@@ -41,4 +42,6 @@ def launch(
     child_env.update(env or {})
     common = ["--num-processes", str(num_processes), "--coordinator", f"127.0.0.1:{port}", *args]
     commands = [[sys.executable, str(script), "--process-id", str(i), *common] for i in range(num_processes)]
-    return launch_ranks(commands, log_dir=log_dir, deadline_s=deadline_s, env=child_env, log_name="process{}.log")
+    return launch_ranks(
+        commands, log_dir=log_dir, deadline_s=deadline_s, env=child_env, log_name="process{}.log", may_die=may_die
+    )

@@ -11,8 +11,17 @@ oracle. Scenarios:
              sequence-mismatch error (no waiting for the timeout)
   timeout    the last process never calls; the others raise within timeout_s + a margin, naming exactly its
              (rank, local expert) pairs; then a new buffer works everywhere
+  killed     (run alone, --on-timeout raise|mask) the last process SIGKILLs itself at a random moment while every
+             process runs back-to-back round trips; each survivor's next call ends within timeout_s (a timeout error,
+             or the dead ranks masked), then the survivors mask the dead ranks together (buf.mask_ranks) and make 100
+             further calls, each checked against the oracle for the live experts; they close the buffer and exit 0
+  late       (run alone) on_timeout="mask", timeout_s = 2 s: the last process sleeps 4 s inside a call before sending
+             anything (a test hook), so the others mask it and go on; it then wakes and writes that call's tokens
+             and its next combine's rows into their regions while they run more calls, every one of which must
+             still equal the oracle for the live experts; finally every process restores it (mask_ranks([])) and
+             the calls are exact again with everyone
   fail       (for the launcher's own test) process 1 fails at once while the others hang
-Prints "WORKER OK" at the end.
+Prints "WORKER OK" at the end (the killed process prints nothing).
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -36,6 +47,9 @@ class Ctx:
         import jax
 
         jax.config.update("jax_num_cpu_devices", args.devices)
+        if args.scenarios == "killed":
+            # a process of the job will die: the others must keep going (jax.distributed's own fault tolerance)
+            jax.config.update("jax_enable_recoverability", True)
         jax.distributed.initialize(
             coordinator_address=args.coordinator,
             num_processes=args.num_processes,
@@ -133,7 +147,7 @@ def check_roundtrip(buf, xs, topks, weights, *, fp8=None, split=False, where="")
     buf.check()
 
 
-def make_buffer(ctx, *, dp=0, num_experts=None, max_tokens=8, hidden=128, timeout_s=60.0):
+def make_buffer(ctx, *, dp=0, num_experts=None, max_tokens=8, hidden=128, timeout_s=60.0, on_timeout="raise"):
     import jax_ll_ep as ep
     from jax_ll_ep import testing
 
@@ -147,6 +161,7 @@ def make_buffer(ctx, *, dp=0, num_experts=None, max_tokens=8, hidden=128, timeou
         hidden=hidden,
         backend="cpu",
         timeout_s=timeout_s,
+        on_timeout=on_timeout,
     )
 
 
@@ -302,13 +317,182 @@ def scenario_timeout(ctx: Ctx):
     log("timeout: new buffer ok")
 
 
+def scenario_killed(ctx: Ctx, on_timeout: str):
+    import jax
+    import oracle
+
+    import jax_ll_ep as ep
+    from jax_ll_ep import testing
+
+    timeout_s, after = 2.0, 100  # calls after the fault: 50 round trips of dispatch + combine
+    victim = ctx.nproc - 1  # (never process 0: it runs jax.distributed's coordination service)
+    gone = tuple(r for r in range(ctx.ranks) if r // ctx.devices == victim)
+    buf = make_buffer(ctx, timeout_s=timeout_s, on_timeout=on_timeout)
+    fn = testing.roundtrip_fn(buf, None, None, False)
+    e, t = buf.num_experts, buf.max_tokens_per_rank
+
+    def run(i):
+        xs, topks, weights = case_inputs(ctx.ranks, e, t, 128, 3, seed=5000 + i)
+        out, disp = fn(*(shard(buf, a) for a in (xs, topks, weights)))
+        return (xs, topks, weights), local_blocks(buf, out), local_dispatch(buf, disp)
+
+    def check(inputs, outs, got, masked, where):
+        xs, topks, weights = inputs
+        live = oracle.mask_routing(topks, masked, e)
+        want = oracle.dispatch(xs, live, e, t)
+        want_out = oracle.combine([w["recv_x"] for w in want], live, weights, want, e, t)
+        for i in got:
+            oracle.assert_dispatch_equal(got[i], want[i], where=f"{where} device {i}")
+            oracle.assert_bitwise_equal(outs[i], want_out[i], what=f"{where} combine device {i}")
+
+    run(0)  # compile before anyone dies
+    ctx.barrier("killed")
+    if ctx.pid == victim:
+        rng = np.random.default_rng(int(time.time() * 1e6) % (1 << 31))
+        delay = float(rng.uniform(0.2, 1.5))
+        log(f"killed: this process SIGKILLs itself in {delay:.2f} s")
+        threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    calls, fault = 0, None
+    for i in range(1, 100_000):
+        start = time.monotonic()
+        try:
+            inputs, outs, got = run(i)
+            buf.check()
+        except (jax.errors.JaxRuntimeError, ep.JaxLlEpError) as exc:
+            elapsed = time.monotonic() - start
+            if isinstance(exc, jax.errors.JaxRuntimeError):  # on_timeout="raise": the call failed
+                try:
+                    buf.check()
+                except ep.ProtocolTimeoutError as err:
+                    exc = err
+            assert isinstance(exc, ep.ProtocolTimeoutError), repr(exc)
+            assert (on_timeout == "mask") == isinstance(exc, ep.RanksMaskedError), repr(exc)
+            assert {rank for rank, _ in exc.missing} & set(gone), f"the dead ranks {gone} are not named: {exc}"
+            assert elapsed <= timeout_s + 5.0, f"the call after the fault took {elapsed:.1f} s (timeout_s={timeout_s})"
+            fault = (i, elapsed, type(exc).__name__)
+            break
+        check(inputs, outs, got, (), f"before the fault, call {i}")
+        calls += 2
+    log(f"killed: fault seen in round trip {fault[0]} after {fault[1]:.2f} s ({fault[2]}); {calls} calls before it")
+    buf.mask_ranks(gone)  # with the other survivors: the dead ranks are left out, the calls line up again
+    assert buf.masked_ranks == gone, buf.masked_ranks
+    for j in range(after // 2):
+        inputs, outs, got = run(100_000 + j)
+        check(inputs, outs, got, gone, f"after the fault, round trip {j}")
+    buf.check()
+    dropped = buf.dropped_pairs()
+    assert all(d.total > 0 for d in dropped.values()), dropped
+    buf.close()
+    log(f"killed: {after} calls after the fault matched the oracle for the live experts; dropped pairs {dropped}")
+    # A clean exit with a task gone: the survivors meet, the others disconnect while process 0 (the coordination
+    # service) is still up, and process 0 leaves last.
+    survivors = [p for p in range(ctx.nproc) if p != victim]
+    ctx.client.wait_at_barrier("worker/killed/end", 120_000, survivors)
+    if ctx.pid != 0:
+        jax.distributed.shutdown()
+    else:
+        deadline = time.monotonic() + 60.0
+        while len(ctx.client.get_live_nodes(survivors)) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def scenario_late(ctx: Ctx):
+    import jax
+    import oracle
+
+    import jax_ll_ep as ep
+    from jax_ll_ep import testing
+    from jax_ll_ep.testing import cpu_hooks
+
+    timeout_s, sleep_s, window_s = 2.0, 4.0, 8.0
+    late = ctx.nproc - 1
+    late_ranks = tuple(r for r in range(ctx.ranks) if r // ctx.devices == late)
+    survivors = [p for p in range(ctx.nproc) if p != late]
+    buf = make_buffer(ctx, timeout_s=timeout_s, on_timeout="mask")
+    fn = testing.roundtrip_fn(buf, None, None, False)
+    e, t = buf.num_experts, buf.max_tokens_per_rank
+
+    def roundtrip(i, masked):
+        xs, topks, weights = case_inputs(ctx.ranks, e, t, 128, 3, seed=7000 + i)
+        out, disp = fn(*(shard(buf, a) for a in (xs, topks, weights)))
+        outs, got = local_blocks(buf, out), local_dispatch(buf, disp)
+        if masked is None:
+            return
+        live = oracle.mask_routing(topks, masked, e)
+        want = oracle.dispatch(xs, live, e, t)
+        want_out = oracle.combine([w["recv_x"] for w in want], live, weights, want, e, t)
+        for d in got:
+            oracle.assert_dispatch_equal(got[d], want[d], where=f"round trip {i} device {d}")
+            oracle.assert_bitwise_equal(outs[d], want_out[d], what=f"round trip {i} combine device {d}")
+
+    roundtrip(0, ())
+    ctx.barrier("late")
+    if ctx.pid == late:
+        cpu_hooks.set_test_delays(buf, {(r, "before_send"): sleep_s for r in late_ranks})
+        start = time.monotonic()
+        # Round trip 1 as two programs (the same calls): its dispatch's messages and signals go out 4 s late, then
+        # (the delay removed) its combine's rows at once.
+        xs, topks, weights = case_inputs(ctx.ranks, e, t, 128, 3, seed=7001)
+        disp = jax.block_until_ready(testing.dispatch_fn(buf, None)(shard(buf, xs), shard(buf, topks)))
+        cpu_hooks.clear_test_hooks(buf)
+        handle = (disp["src_info"], disp["layout_range"], disp["src_topk_pos"])
+        jax.block_until_ready(testing.combine_fn(buf)(disp["recv_x"], shard(buf, topks), shard(buf, weights), *handle))
+        roundtrip(2, None)  # nobody answers it any more: it masks them (another timeout) and goes on alone
+        log(f"late: this process wrote its late calls between {sleep_s:.0f} and {time.monotonic() - start:.1f} s")
+        try:
+            buf.check()
+        except ep.RanksMaskedError as exc:
+            log(f"late: it masked {exc.masked} in turn")
+        n = int(ctx.client.blocking_key_value_get("worker/late/rounds", 120_000))
+        log(f"late: the others made {n} round trips without it")
+    else:
+        t0 = time.monotonic()
+        roundtrip(1, None)  # the call it is late for: completes after timeout_s without it (outputs checked below)
+        fault_s = time.monotonic() - t0
+        try:
+            buf.check()
+            raise AssertionError("the late rank was not masked")
+        except ep.RanksMaskedError as exc:
+            assert set(exc.masked) == set(late_ranks), exc.masked
+        assert timeout_s <= fault_s <= timeout_s + 5.0, fault_s
+        # Round trips without it until well after it woke and wrote (lockstep in chunks: the first survivor decides).
+        i, chunk = 3, 10
+        while True:
+            for _ in range(chunk):
+                roundtrip(i, late_ranks)
+                i += 1
+            go = time.monotonic() - t0 < window_s
+            if ctx.pid == survivors[0]:
+                ctx.client.key_value_set(f"worker/late/go/{i}", "1" if go else "0")
+            if ctx.client.blocking_key_value_get(f"worker/late/go/{i}", 120_000) == "0":
+                break
+        buf.check()  # nothing more was recorded: no timeout, no mismatch, no late write noticed
+        if ctx.pid == survivors[0]:
+            ctx.client.key_value_set("worker/late/rounds", str(i - 3))
+        log(f"late: {2 * (i - 3)} calls without the late rank over {time.monotonic() - t0:.1f} s, all exact")
+    ctx.barrier("late-back")
+    buf.mask_ranks([])  # everyone is back (and idle): the calls line up again
+    for j in range(10):
+        roundtrip(100_000 + j, ())
+    buf.check()
+    buf.close()
+    log("late: 20 calls with every rank exact after restoring it")
+
+
 def scenario_fail(ctx: Ctx):
     if ctx.pid == 1:
         raise SystemExit("process 1 fails on purpose")
     time.sleep(600)  # the launcher must not wait for this
 
 
-SCENARIOS = {"exact": scenario_exact, "mismatch": scenario_mismatch, "timeout": scenario_timeout, "fail": scenario_fail}
+SCENARIOS = {
+    "exact": scenario_exact,
+    "mismatch": scenario_mismatch,
+    "timeout": scenario_timeout,
+    "fail": scenario_fail,
+    "killed": scenario_killed,
+    "late": scenario_late,
+}
 
 
 def main():
@@ -330,14 +514,19 @@ def run():
     parser.add_argument("--coordinator", required=True)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--scenarios", default="exact,mismatch,timeout")
+    parser.add_argument("--on-timeout", default="raise", choices=("raise", "mask"))
     args = parser.parse_args()
     ctx = Ctx(args)
     log(f"process {ctx.pid}/{ctx.nproc}: {ctx.devices} devices, {ctx.ranks} ranks")
     for name in args.scenarios.split(","):
         start = time.monotonic()
-        SCENARIOS[name](ctx)
+        if name == "killed":
+            scenario_killed(ctx, args.on_timeout)
+        else:
+            SCENARIOS[name](ctx)
         log(f"{name}: {time.monotonic() - start:.1f} s")
-    ctx.barrier("end")
+    if args.scenarios != "killed":  # (a barrier would wait for the dead process)
+        ctx.barrier("end")
     log("WORKER OK")
     sys.stdout.flush()
 

@@ -6,9 +6,9 @@
 
 #include <string.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -107,6 +107,19 @@ class Call {
   uint8_t* mine() const { return mine_; }
   RankState* state() const { return state_; }
 
+  // ---- masking (docs/protocol.md): the rank's mask is its own device state, read at every use ----
+
+  // Whether this rank treats `rank` as masked: sends nothing to it, waits on nothing from it, reads none of its
+  // slots, and drops the (token, expert) pairs routed to its experts.
+  bool masked(int rank) const { return state_->masked_count != 0 && rank_in(layout_.rank_mask(mine_), rank); }
+  // This rank is masked in its own view (mask_ranks named it): its calls return at once, nothing sent or awaited.
+  bool self_masked() const { return masked(g_.rank); }
+  // The (token, expert) pairs this call dropped because their expert's rank is masked.
+  void count_dropped(uint32_t dropped) const {
+    state_->dropped_last = dropped;
+    state_->dropped_total += dropped;
+  }
+
   void pause(HookPoint point, uint64_t seq) const {
     if (env_.hooks != nullptr) env_.hooks->pause(env_.group, g_.rank, point, seq);
   }
@@ -158,6 +171,8 @@ class Call {
       if (fault.code == ErrorCode::kTimeout || fault.code == ErrorCode::kSequenceMismatch) {
         state_->unusable = static_cast<uint32_t>(fault.code);  // sticky: see RankState::unusable
       }
+      // (kRanksMasked is not: the masked ranks' slots are never read again, so their late writes cannot reach a
+      // later call, and the live ranks' calls still match)
     }
     return status(seq, fault, missing_pairs);
   }
@@ -233,14 +248,19 @@ class Call {
   // ---- waiting ----
 
   // Waits until the signal of call `seq` has arrived in every (local expert, source rank) pair of this rank's
-  // region (E_l x R of them), bounded by timeout_s. counts[pair] receives each pair's announced count.
+  // region (E_l x R of them) whose rank is not masked, bounded by timeout_s. counts[pair] receives each pair's
+  // announced count (0 for a masked rank's pairs: they are never read). With on_timeout="mask", a deadline that
+  // passes masks the ranks still silent and the call goes on without them.
   Status wait_for_signals(uint64_t seq, std::vector<uint32_t>* counts) const {
     const int parity = parity_of(seq);
     const int32_t num_ranks = layout_.num_ranks;
     const OpKind other = kind_ == OpKind::kDispatch ? OpKind::kCombine : OpKind::kDispatch;
-    std::vector<int32_t> pending(static_cast<size_t>(layout_.num_experts()));
-    std::iota(pending.begin(), pending.end(), 0);
-    counts->assign(pending.size(), 0);
+    std::vector<int32_t> pending;
+    pending.reserve(static_cast<size_t>(layout_.num_experts()));
+    for (int32_t pair = 0; pair < static_cast<int32_t>(layout_.num_experts()); ++pair) {
+      if (!masked(pair % num_ranks)) pending.push_back(pair);  // a masked rank's pairs are never waited for
+    }
+    counts->assign(static_cast<size_t>(layout_.num_experts()), 0);
     const auto start = Clock::now();
     const auto deadline =
         start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(g_.timeout_s));
@@ -272,7 +292,7 @@ class Call {
       pending.resize(still);
       if (pending.empty()) return {};
       const auto now = Clock::now();
-      if (now >= deadline) return timeout(seq, pending);
+      if (now >= deadline) return g_.on_timeout_mask ? mask_silent(seq, pending, counts) : timeout(seq, pending);
       backoff.wait(now);
     }
   }
@@ -289,6 +309,26 @@ class Call {
     Fault fault;
     fault.note(ErrorCode::kTimeout, static_cast<int64_t>(pending.size()), -1, -1);
     return fail(seq, fault, &pending);
+  }
+
+  // on_timeout="mask": the ranks of the pending pairs join this rank's mask, their pairs count 0 in this call (those
+  // that did arrive too: a rank is masked for the whole call), the event is recorded for buf.check(), and the call
+  // goes on. Their slots are not read again while they stay masked, so whatever they write late cannot reach a call.
+  Status mask_silent(uint64_t seq, const std::vector<int32_t>& pending, std::vector<uint32_t>* counts) const {
+    uint32_t* mask = layout_.rank_mask(mine_);
+    for (const int32_t pair : pending) {
+      const int rank = pair % layout_.num_ranks;
+      if (rank_in(mask, rank)) continue;
+      mask[rank >> 5] |= 1u << (rank & 31);
+      state_->masked_count += 1;
+    }
+    for (int32_t pair = 0; pair < static_cast<int32_t>(counts->size()); ++pair) {
+      if (masked(pair % layout_.num_ranks)) (*counts)[pair] = 0;
+    }
+    Fault fault;
+    fault.note(ErrorCode::kRanksMasked, static_cast<int64_t>(pending.size()), -1, -1);
+    fail(seq, fault, &pending);
+    return {};
   }
 
   const GroupArgs& g_;
@@ -344,13 +384,19 @@ Status dispatch_send(const Call& call, const GroupArgs& g, const DispatchArgs& a
   const int32_t e_local = layout.num_local_experts;
   const int32_t num_experts = static_cast<int32_t>(layout.num_experts());
   const int64_t bytes = layout.wire_bytes(a.fp8_mode);
+  if (call.self_masked()) {  // a masked rank's call returns at once: nothing sent
+    call.open_call(seq, Fault{});
+    return {};
+  }
   call.stamp(Stamp::kEnter);
   call.pause(HookPoint::kBeforeSend, seq);
 
   // Data: message (t, k) goes to slot sent[e] of pair (local expert e % E_l, my rank) on rank e / E_l, where sent[e]
-  // counts my earlier tokens that chose e (token order, hence the deterministic receive order).
+  // counts my earlier tokens that chose e (token order, hence the deterministic receive order). A pair whose expert's
+  // rank is masked is dropped as if its id were -1.
   std::vector<int32_t> sent(static_cast<size_t>(num_experts), 0);
   Fault fault;
+  uint32_t dropped = 0;
   for (int32_t t = 0; t < a.num_tokens; ++t) {
     uint8_t* staged = layout.send_message(call.mine(), t);
     stage_message(layout, a, t, seq, staged);
@@ -358,17 +404,24 @@ Status dispatch_send(const Call& call, const GroupArgs& g, const DispatchArgs& a
     for (int32_t k = 0; k < a.num_topk; ++k) {
       const int32_t expert = routed_expert(row, k, num_experts, t, &fault);
       if (expert < 0) continue;
+      if (call.masked(expert / e_local)) {
+        ++dropped;
+        continue;
+      }
       const int32_t slot = sent[expert]++;  // < num_tokens <= T
-      uint8_t* message = layout.dispatch_message(g.regions[expert / e_local], parity, expert % e_local, g.rank, slot);
+      uint8_t* message = layout.message(g.regions[expert / e_local], parity, expert % e_local, g.rank, slot);
       memcpy(message, staged, static_cast<size_t>(bytes));
       Layout::header(message)->topk_pos = k;
     }
   }
+  call.count_dropped(dropped);
   call.pause(HookPoint::kBeforeSignal, seq);
   call.stamp(Stamp::kSignalling);
 
-  // Signals: every (destination rank, local expert) pair, zero-token pairs included (completeness).
+  // Signals: every (destination rank, local expert) pair, zero-token pairs included (completeness); none to a masked
+  // rank (nothing is written to it at all).
   for (int32_t dst = 0; dst < layout.num_ranks; ++dst) {
+    if (call.masked(dst)) continue;
     for (int32_t e = 0; e < e_local; ++e) {
       // Release: the messages written above for this pair happen-before the owner's acquire of this signal.
       store_release(layout.dispatch_signal(g.regions[dst], parity, e, g.rank),
@@ -397,7 +450,7 @@ void write_dispatch_outputs(const Call& call, const DispatchArgs& a, int parity,
       a.layout_range[(static_cast<int64_t>(e) * num_ranks + r) * 2 + 0] = offset;
       a.layout_range[(static_cast<int64_t>(e) * num_ranks + r) * 2 + 1] = count;
       for (int32_t slot = 0; slot < count; ++slot) {
-        uint8_t* message = layout.dispatch_message(call.mine(), parity, e, r, slot);
+        uint8_t* message = layout.message(call.mine(), parity, e, r, slot);
         const int64_t row = e * rows + offset + slot;
         const MessageHeader* header = Layout::header(message);
         a.src_info[row] = header->src_token;
@@ -421,9 +474,20 @@ void write_dispatch_outputs(const Call& call, const DispatchArgs& a, int parity,
   }
 }
 
+// A masked rank's receive half: nothing received (every count 0), the rest of the outputs unspecified.
+void write_empty_layout(const Layout& layout, const DispatchArgs& a) {
+  for (int64_t i = 0; i < layout.num_experts(); ++i) a.layout_range[2 * i] = a.layout_range[2 * i + 1] = 0;
+  for (int32_t e = 0; e < layout.num_local_experts; ++e) a.recv_count[e] = 0;
+}
+
 Status dispatch_recv(const Call& call, const DispatchArgs& a) {
   uint64_t seq = 0;
   if (Status open = call.begin_recv(&seq); !open.ok()) return open;
+  if (call.self_masked()) {  // nothing awaited
+    write_empty_layout(call.layout(), a);
+    call.close_call(seq);
+    return {};
+  }
   call.pause(HookPoint::kBeforeRecv, seq);
   std::vector<uint32_t> counts;
   Status waited = call.wait_for_signals(seq, &counts);
@@ -449,12 +513,18 @@ Status combine_send(const Call& call, const GroupArgs& g, const CombineArgs& a) 
   const int32_t num_ranks = layout.num_ranks;
   const int32_t max_tokens = layout.max_tokens;
   const int64_t rows = layout.recv_rows();
-  const int64_t row_bytes = layout.combine_row_bytes;
+  const int64_t row_bytes = 2 * static_cast<int64_t>(layout.hidden);
+  if (call.self_masked()) {  // a masked rank's call returns at once: nothing sent
+    call.open_call(seq, Fault{});
+    return {};
+  }
   call.stamp(Stamp::kEnter);
   call.pause(HookPoint::kBeforeSend, seq);
 
-  // Data: row i of local expert e came from source rank r (layout_range) as its token src_info[i], choice
-  // src_topk_pos[i]; it goes back to that rank's combine slot (token, k). Entries outside the layout are skipped.
+  // Data: the rows of pair (local expert e, source rank r) (layout_range) are source rank r's tokens that chose my
+  // expert e, in r's token order, so row offset + s goes back to slot s of pair (e, my rank) in r's region: the slot
+  // r's combine_recv finds for its s-th token that chose this expert. Entries outside the layout are skipped, and
+  // nothing goes to a masked rank.
   std::vector<int32_t> sent(static_cast<size_t>(layout.num_experts()), 0);
   Fault fault;
   for (int32_t e = 0; e < layout.num_local_experts; ++e) {
@@ -466,15 +536,10 @@ Status combine_send(const Call& call, const GroupArgs& g, const CombineArgs& a) 
         fault.note(ErrorCode::kInvalidHandle, -1 - layout.pair_index(e, r), r, e);
         continue;
       }
-      for (int64_t i = offset; i < offset + count; ++i) {
-        const int64_t row = e * rows + i;
-        const int32_t token = a.src_info[row];
-        const int32_t k = a.src_topk_pos[row];
-        if (token < 0 || token >= max_tokens || k < 0 || k >= kMaxTopk) {
-          fault.note(ErrorCode::kInvalidHandle, row, token, k);
-          continue;
-        }
-        memcpy(layout.combine_row(g.regions[r], parity, token, k), a.y + row * layout.hidden,
+      if (call.masked(r)) continue;
+      for (int32_t slot = 0; slot < count; ++slot) {
+        const int64_t row = e * rows + offset + slot;
+        memcpy(Layout::payload(layout.message(g.regions[r], parity, e, g.rank, slot)), a.y + row * layout.hidden,
                static_cast<size_t>(row_bytes));
         ++sent[layout.pair_index(e, r)];
       }
@@ -483,8 +548,9 @@ Status combine_send(const Call& call, const GroupArgs& g, const CombineArgs& a) 
   call.pause(HookPoint::kBeforeSignal, seq);
   call.stamp(Stamp::kSignalling);
 
-  // Signals: every (source rank, local expert) pair, zero-row pairs included (completeness).
+  // Signals: every (source rank, local expert) pair, zero-row pairs included (completeness); none to a masked rank.
   for (int32_t r = 0; r < num_ranks; ++r) {
+    if (call.masked(r)) continue;
     for (int32_t e = 0; e < layout.num_local_experts; ++e) {
       // Release: the rows written above for this pair happen-before the source rank's acquire of this signal.
       store_release(layout.combine_signal(g.regions[r], parity, e, g.rank),
@@ -501,29 +567,45 @@ Status combine_recv(const Call& call, const CombineArgs& a) {
   uint64_t seq = 0;
   if (Status open = call.begin_recv(&seq); !open.ok()) return open;
   const int parity = parity_of(seq);
+  if (call.self_masked()) {  // nothing awaited; the output is unspecified (zero here)
+    std::fill(a.out, a.out + static_cast<int64_t>(a.num_tokens) * layout.hidden, uint16_t{0});
+    call.close_call(seq);
+    return {};
+  }
   call.pause(HookPoint::kBeforeRecv, seq);
   std::vector<uint32_t> counts;
   Status waited = call.wait_for_signals(seq, &counts);
   if (!waited.ok()) {
-    call.close_call(seq);
+    call.close_call(seq);  // a failed wait: as in dispatch_recv
     return waited;
   }
 
-  // The valid choices of each token (routing errors treated as -1, exactly as dispatch did), and how many rows
-  // each (local expert, owner rank) pair must therefore have sent back.
+  // The valid choices of each token (routing errors treated as -1, exactly as dispatch did; a masked rank's experts
+  // dropped), each one's receive slot (the token's slot in its dispatch: how many earlier tokens chose the expert),
+  // and how many rows each (local expert, owner rank) pair must therefore have sent back.
   const int32_t e_local = layout.num_local_experts;
   const int32_t num_experts = static_cast<int32_t>(layout.num_experts());
   std::vector<int32_t> experts(static_cast<size_t>(a.num_tokens) * a.num_topk);
+  std::vector<int32_t> slots(experts.size());
   std::vector<uint32_t> expected(counts.size(), 0);
+  std::vector<int32_t> chosen(static_cast<size_t>(num_experts), 0);
   Fault routing;
+  uint32_t dropped = 0;
   for (int32_t t = 0; t < a.num_tokens; ++t) {
     const int32_t* row = a.topk_idx + static_cast<int64_t>(t) * a.num_topk;
     for (int32_t k = 0; k < a.num_topk; ++k) {
-      const int32_t expert = routed_expert(row, k, num_experts, t, &routing);
+      int32_t expert = routed_expert(row, k, num_experts, t, &routing);
+      if (expert >= 0 && call.masked(expert / e_local)) {
+        ++dropped;
+        expert = -1;
+      }
       experts[static_cast<size_t>(t) * a.num_topk + k] = expert;
-      if (expert >= 0) ++expected[layout.pair_index(expert % e_local, expert / e_local)];
+      if (expert < 0) continue;
+      slots[static_cast<size_t>(t) * a.num_topk + k] = chosen[expert]++;  // < num_tokens <= T
+      ++expected[layout.pair_index(expert % e_local, expert / e_local)];
     }
   }
+  call.count_dropped(dropped);
 
   // Reduce in float32, in k order, one rounding per multiply and per add (built with -ffp-contract=off).
   const int64_t h = layout.hidden;
@@ -531,9 +613,12 @@ Status combine_recv(const Call& call, const CombineArgs& a) {
   for (int32_t t = 0; t < a.num_tokens; ++t) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int32_t k = 0; k < a.num_topk; ++k) {
-      if (experts[static_cast<size_t>(t) * a.num_topk + k] < 0) continue;
+      const size_t entry = static_cast<size_t>(t) * a.num_topk + k;
+      const int32_t expert = experts[entry];
+      if (expert < 0) continue;
       const float w = a.topk_weights[static_cast<int64_t>(t) * a.num_topk + k];
-      const uint16_t* y = reinterpret_cast<const uint16_t*>(layout.combine_row(call.mine(), parity, t, k));
+      const uint16_t* y = reinterpret_cast<const uint16_t*>(
+          Layout::payload(layout.message(call.mine(), parity, expert % e_local, expert / e_local, slots[entry])));
       for (int64_t i = 0; i < h; ++i) acc[i] = acc[i] + w * bf16_to_float(y[i]);
     }
     uint16_t* out = a.out + t * h;

@@ -107,6 +107,7 @@ std::string Registry::create(const CreateArgs& args) {
   entry->layout = layout;
   entry->num_groups = args.num_groups;
   entry->timeout_s = args.timeout_s;
+  entry->on_timeout_mask = args.on_timeout_mask;
   for (const auto& [device, where] : args.devices) {
     if (where.group < 0 || where.group >= args.num_groups || where.rank < 0 || where.rank >= args.num_ranks) {
       return "device " + std::to_string(device) + " maps to (group " + std::to_string(where.group) + ", rank " +
@@ -212,6 +213,64 @@ std::vector<ErrorRecord> Registry::errors(int64_t handle, bool clear) {
     }
   }
   return out;
+}
+
+std::vector<Registry::MaskState> Registry::mask_states(int64_t handle) {
+  std::shared_ptr<BufferEntry> entry = resolve(handle).entry;
+  std::vector<MaskState> out;
+  if (!entry) return out;
+  const Layout& layout = entry->layout;
+  for (const DeviceRank& where : local_ranks(*entry)) {
+    uint8_t* region = entry->region(where.group, where.rank);
+    const RankState* st = layout.state(region);
+    MaskState m{where.group, where.rank, {}, st->dropped_last, st->dropped_total, st->seq, st->open_seq};
+    const uint32_t* mask = layout.rank_mask(region);
+    for (int32_t r = 0; r < layout.num_ranks; ++r) {
+      if (rank_in(mask, r)) m.masked.push_back(r);
+    }
+    out.push_back(std::move(m));
+  }
+  return out;
+}
+
+std::string Registry::set_mask(int64_t handle, const std::vector<int32_t>& ranks, uint64_t seq) {
+  std::shared_ptr<BufferEntry> entry = resolve(handle).entry;
+  if (!entry) return "unknown buffer handle " + std::to_string(handle);
+  const Layout& layout = entry->layout;
+  for (int32_t r : ranks) {
+    if (r < 0 || r >= layout.num_ranks) {
+      return "rank " + std::to_string(r) + " is outside [0, " + std::to_string(layout.num_ranks) + ")";
+    }
+  }
+  const std::vector<DeviceRank> local = local_ranks(*entry);
+  for (const DeviceRank& where : local) {
+    const RankState* st = layout.state(entry->region(where.group, where.rank));
+    if (st->open_seq != 0) {
+      return "rank " + std::to_string(where.rank) + " of group " + std::to_string(where.group) +
+             " has an open split call (seq=" + std::to_string(st->open_seq) +
+             "); finish it with its receive half first";
+    }
+  }
+  for (const DeviceRank& where : local) {
+    uint8_t* region = entry->region(where.group, where.rank);
+    RankState* st = layout.state(region);
+    for (int which = 0; which < 3; ++which) {
+      memset(layout.rank_mask(region, which), 0, 4 * static_cast<size_t>(layout.mask_words()));
+    }
+    uint32_t* mask = layout.rank_mask(region);
+    uint32_t count = 0;
+    for (int32_t r : ranks) {
+      if (rank_in(mask, r)) continue;
+      mask[r >> 5] |= 1u << (r & 31);
+      ++count;
+    }
+    st->masked_count = count;
+    st->pending_count[0] = st->pending_count[1] = 0;
+    st->dropped_last = 0;
+    st->unusable = 0;
+    st->seq = seq;
+  }
+  return "";
 }
 
 }  // namespace jax_ll_ep::cpu

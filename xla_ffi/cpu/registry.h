@@ -62,6 +62,7 @@ struct BufferEntry {
   Layout layout = {};
   int32_t num_groups = 0;
   double timeout_s = 0.0;
+  bool on_timeout_mask = false;  // Buffer(on_timeout="mask")
   std::unique_ptr<Mapping> memory;
   std::unordered_map<int32_t, DeviceRank> devices;  // this process's devices: global device id -> (group, rank)
   std::vector<std::vector<uint8_t*>> regions;       // [group][rank], this process's addresses
@@ -77,6 +78,7 @@ struct CreateArgs {
   int32_t max_tokens;
   int32_t hidden;
   double timeout_s;
+  bool on_timeout_mask;
   int32_t num_groups;
   std::vector<std::pair<int32_t, DeviceRank>> devices;  // this process's devices
   std::string shm_name;                                 // "" for private memory
@@ -106,6 +108,23 @@ class Registry {
 
   // The error records of this process's ranks that hold an error, ordered by (group, rank); optionally cleared.
   std::vector<ErrorRecord> errors(int64_t handle, bool clear);
+
+  // Masking, outside any call (buf.mask_ranks settles the buffer's programs first). The mask state of each of this
+  // process's ranks, ordered by (group, rank).
+  struct MaskState {
+    int32_t group;
+    int32_t rank;
+    std::vector<int32_t> masked;  // the ranks its mask holds
+    uint32_t dropped_last;
+    uint64_t dropped_total;
+    uint64_t seq;       // last completed call
+    uint64_t open_seq;  // an open split call (0: none)
+  };
+  std::vector<MaskState> mask_states(int64_t handle);
+  // Sets every local rank's mask to `ranks`, its call sequence to `seq` (the same on every live rank: the calls line
+  // up again), clears RankState::unusable, and zeroes dropped_last. Returns "" or an error message (an open split
+  // call, a rank out of range).
+  std::string set_mask(int64_t handle, const std::vector<int32_t>& ranks, uint64_t seq);
 
  private:
   std::mutex lock_;

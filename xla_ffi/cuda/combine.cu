@@ -1,19 +1,23 @@
 // Combine: one kernel that runs the send half, the receive half, or both (a fused call is a single launch).
 //
-// The expert owner sends row `offset + i` of pair (local expert e, source rank r) of the dispatch layout back to
-// rank r's combine_recv[parity][src_info][src_topk_pos]; the source rank waits for all E_l x R signals and reduces
-// its own rows in float32 in k order.
+// The expert owner sends row `offset + s` of pair (local expert e, source rank r) of the dispatch layout back to slot
+// s of pair (e, owner) in rank r's receive slots of the call's parity: the slot r's own dispatch gave that token (r's
+// s-th token that chose the expert), so every slot is written by one rank only (layout.h). The source rank waits for
+// all E_l x R signals and reduces its own rows in float32 in k order, finding each row by the same slot rule.
 //
 // Send half:    every block scans the handle's layout_range into per-pair counts; warps claim items from a work
 //               queue: one row of y to a peer, or the data-free signals of 32 pairs. The warp that completes a
 //               pair's rows signals it.
-// Receive half: every block derives from this rank's topk_idx the rows it expects per pair; one warp per block
-//               waits for all E_l x R signals (bounded) and the counts are checked against the expected ones; then
-//               each warp reduces 256 channels of one token at a time, every row load in flight before the first add.
+// Receive half: every block marks from this rank's topk_idx each token's choice of each expert (the slot rule that
+//               finds every row), and block 0 counts the rows it expects per pair; one warp per block waits for all
+//               E_l x R signals (bounded) and block 0 checks the counts against the expected ones; then each warp
+//               reduces a run of 256-channel chunks of one token, every row load in flight before the first add.
 // Fused call: this rank's own rows are not copied through the symmetric region and their pairs are not signalled
 // (the rows are in y, an input that is complete before the kernel starts); the receive half reads them in place: the
 // row of own (token t, expert e) is e's offset in the handle's layout_range plus t's slot, the number of this rank's
 // tokens before t that chose e (the dispatch's slot rule), checked against src_info / src_topk_pos.
+// Masking: nothing is sent to a masked rank, none of its pairs is waited for, and a token's choice of its experts is
+// dropped (as if -1); with no rank masked this costs a test of a null pointer per choice.
 #include <cuda_bf16.h>
 
 #include "cuda/launch.h"
@@ -58,7 +62,8 @@ __device__ __forceinline__ void count_row_done(const CudaGroup& g, const SendCon
               encode_signal(sc.seq, OpKind::kCombine, static_cast<uint32_t>(sc.tables.count[p])));
 }
 
-__device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* smem, uint64_t seq, bool direct) {
+__device__ void send_half(const CudaGroup& g, const CombineArgs& a, const uint32_t* ranks_masked, int32_t* smem,
+                          uint64_t seq, bool direct) {
   const Layout& l = g.group.layout;
   const int num_pairs = static_cast<int>(l.num_experts());
   const int num_ranks = l.num_ranks, rank = g.group.rank;
@@ -76,8 +81,9 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
           ErrorInfo{ErrorCode::kInvalidHandle, OpKind::kCombine, seq, -1 - p, p % num_ranks, p / num_ranks, 0});
     }
     const bool own = direct && p % num_ranks == rank;
-    s.count[p] = ok ? c : 0;
-    return ok && !own ? c : 0;
+    const bool gone = masked_rank(ranks_masked, p % num_ranks);  // nothing goes to a masked rank
+    s.count[p] = ok && !gone ? c : 0;
+    return ok && !own && !gone ? c : 0;
   });
   trace_mark(g, seq, OpKind::kCombine, kMarkTables);
   const uint32_t remote_rows = static_cast<uint32_t>(s.remote_base[num_pairs]);
@@ -86,24 +92,21 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   uint8_t* local = g.local_region;
   const int64_t row_bytes = 2 * static_cast<int64_t>(l.hidden);
   for_each_claimed_item(call_queue(g, seq), items, [&](uint32_t item) {
-    if (item < remote_rows) {  // one row of y to its source rank
+    if (item < remote_rows) {  // one row of y to its source rank, into the slot of pair (e, this rank)
       const int m = static_cast<int>(item);
       const int p = find_bucket(s.remote_base, num_pairs, m);
-      const int64_t row = static_cast<int64_t>(p / num_ranks) * rows + a.layout_range[2 * p] + (m - s.remote_base[p]);
-      const int32_t t = a.src_info[row], k = a.src_topk_pos[row];
-      if (t >= 0 && t < l.max_tokens && k >= 0 && k < kMaxTopk) {
-        warp_copy_to_peer(peer_of(g, p % num_ranks), local, l.combine_row(local, sc.parity, t, k) - local,
-                          reinterpret_cast<const uint8_t*>(a.y + row * l.hidden), row_bytes);
-      } else if (lane == 0) {  // outside the receive layout: skipped (the receiver's count check does not see it)
-        record_error(l.state(local), g.error_flag,
-                     ErrorInfo{ErrorCode::kInvalidHandle, OpKind::kCombine, seq, row, t, k, 0});
-      }
+      const int slot = m - s.remote_base[p];  // < count <= T (validated above)
+      const int64_t row = static_cast<int64_t>(p / num_ranks) * rows + a.layout_range[2 * p] + slot;
+      uint8_t* dst = Layout::payload(l.message(local, sc.parity, p / num_ranks, rank, slot));
+      warp_copy_to_peer(peer_of(g, p % num_ranks), local, dst - local,
+                        reinterpret_cast<const uint8_t*>(a.y + row * l.hidden), row_bytes);
       __syncwarp();  // the whole warp's stores precede lane 0's release below
       if (lane == 0) count_row_done(g, sc, p, 1u);
     } else {  // the data-free signals of up to 32 empty pairs (a fused call's own pairs need none: their rows
               // stay in y, and the receive half takes their count from these tables)
       const int p = static_cast<int>(item - remote_rows) * kWarp + lane;
-      if (p < num_pairs && s.count[p] == 0 && !(direct && p % num_ranks == rank)) {
+      if (p < num_pairs && s.count[p] == 0 && !(direct && p % num_ranks == rank) &&
+          !masked_rank(ranks_masked, p % num_ranks)) {
         send_empty_signal(peer_of(g, p % num_ranks), local,
                           reinterpret_cast<uint8_t*>(l.combine_signal(local, sc.parity, p / num_ranks, rank)) - local,
                           encode_signal(seq, OpKind::kCombine, 0u));
@@ -116,20 +119,19 @@ __device__ void send_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
 
 // Shared memory of the receive half, after the send half's tables (a fused call reads the send half's counts).
 struct RecvTables {
-  int32_t* count;       // [P] announced rows per pair (-1: never arrived)
-  int32_t* expected;    // [P] rows this rank's routing sent to each pair
-  int32_t* own_offset;  // [E_l] fused call: own pair's offset in the layout (-1: invalid)
-  uint32_t* own_mask;   // [E_l][words] fused call: tokens of this rank that chose local expert e (the slot rule)
-  int32_t* tile;        // [kTopkTile] staged topk_idx
-  float* weights;       // [kTopkTile] topk_weights, when all of topk_idx fits one tile
+  int32_t* count;         // [P] announced rows per pair (-1: never arrived)
+  int32_t* expected;      // [P] rows this rank's routing sent to each pair
+  int32_t* own_offset;    // [E_l] fused call: own pair's offset in the layout (-1: invalid)
+  uint32_t* expert_mask;  // [E][words] tokens of this rank that chose expert e (the slot rule of every row)
+  int32_t* tile;          // [kTopkTile] staged topk_idx
+  float* weights;         // [kTopkTile] topk_weights, when all of topk_idx fits one tile
 };
 
 __host__ __device__ __forceinline__ int64_t send_table_words(const Layout& l) {
   return 2 * l.num_experts() + 1 + kWarp;
 }
 __host__ __device__ __forceinline__ int64_t recv_table_words(const Layout& l) {
-  return 2 * l.num_experts() + l.num_local_experts + static_cast<int64_t>(l.num_local_experts) * words_per_expert(l) +
-         2 * kTopkTile;
+  return 2 * l.num_experts() + l.num_local_experts + l.num_experts() * words_per_expert(l) + 2 * kTopkTile;
 }
 
 __device__ __forceinline__ RecvTables recv_tables(const Layout& l, int32_t* smem) {
@@ -138,17 +140,18 @@ __device__ __forceinline__ RecvTables recv_tables(const Layout& l, int32_t* smem
   r.count = smem + send_table_words(l);
   r.expected = r.count + num_pairs;
   r.own_offset = r.expected + num_pairs;
-  r.own_mask = reinterpret_cast<uint32_t*>(r.own_offset + l.num_local_experts);
-  r.tile = reinterpret_cast<int32_t*>(r.own_mask + l.num_local_experts * words_per_expert(l));
+  r.expert_mask = reinterpret_cast<uint32_t*>(r.own_offset + l.num_local_experts);
+  r.tile = reinterpret_cast<int32_t*>(r.expert_mask + l.num_experts() * words_per_expert(l));
   r.weights = reinterpret_cast<float*>(r.tile + kTopkTile);
   return r;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Receive half: acc = 0; for k in order: if valid(k): acc = acc + (w[k] * y_k)  (products and sums rounded to
-// float32, no FMA), 8 channels per lane, one item = 256 channels of one token.
+// float32, no FMA), 8 channels per lane; one item = consecutive 256-channel chunks of one token.
 // ---------------------------------------------------------------------------------------------------------------
-__device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* smem, uint64_t seq, bool direct) {
+__device__ void recv_half(const CudaGroup& g, const CombineArgs& a, const uint32_t* ranks_masked, int32_t* smem,
+                          uint64_t seq, bool direct) {
   const Layout& l = g.group.layout;
   const int num_pairs = static_cast<int>(l.num_experts());
   const int num_ranks = l.num_ranks, num_local = l.num_local_experts, rank = g.group.rank;
@@ -164,7 +167,8 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   const int n = a.num_tokens, k_count = a.num_topk;
 
   const bool tile_holds_all = static_cast<int64_t>(n) * k_count <= kTopkTile;
-  // (topk_idx's first tile, and the weights when it holds all, were staged at entry: start_receive_tables)
+  // (expert_mask was cleared, and topk_idx's first tile and the weights when it holds all staged, at entry:
+  // start_receive_tables)
   const bool check = blockIdx.x == 0;  // block 0 checks the announced counts against the expected ones
   if (check) {
 #pragma unroll 1
@@ -176,20 +180,37 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
       const int32_t offset = a.layout_range[2 * (e * num_ranks + rank)];
       s.own_offset[e] = offset >= 0 && offset <= rows ? offset : -1;
     }
-#pragma unroll 1
-    for (int i = threadIdx.x; i < num_local * words; i += blockDim.x) s.own_mask[i] = 0u;
   }
-  // (the staging barrier inside orders the clearing above, and the entry barrier the staging, before the visits)
+  if (ranks_masked != nullptr && check && threadIdx.x == 0) state->dropped_last = 0u;
+  // (the entry barrier orders the clearing of expert_mask and the staging before the visits; the staging barrier
+  // inside orders the clearing of expected and the reset of dropped_last before them)
   for_each_topk_entry(a.topk_idx, n, k_count, s.tile, true, [&](int t, int, int32_t id, bool first, const int32_t*) {
     if (id < 0 || id >= num_experts || !first) return;
     const int e = id % num_local, owner = id / num_local;
+    if (masked_rank(ranks_masked, owner)) {  // dropped as if -1
+      if (check) atomicAdd(&state->dropped_last, 1u);
+      return;
+    }
     if (check) atomicAdd(&s.expected[e * num_ranks + owner], 1);
-    if (direct && owner == rank) atomicOr(&s.own_mask[e * words + t / 32], 1u << (t % 32));
+    atomicOr(&s.expert_mask[id * words + t / 32], 1u << (t % 32));
   });
+  if (ranks_masked != nullptr && check && threadIdx.x == 0) {
+    // (the barrier at the end of the visits orders block 0's counts before this read)
+    atomicAdd(reinterpret_cast<unsigned long long*>(&state->dropped_total),
+              static_cast<unsigned long long>(*reinterpret_cast<volatile uint32_t*>(&state->dropped_last)));
+  }
   if (threadIdx.x < kWarp) {
-    const WaitContext w{state,        g.error_flag,     l.missing(local),
-                        seq,          OpKind::kCombine, timeout_deadline(g.group.timeout_s),
-                        l.max_tokens, num_ranks,        num_ranks > 1};
+    const WaitContext w{state,
+                        g.error_flag,
+                        l.missing(local),
+                        seq,
+                        OpKind::kCombine,
+                        timeout_deadline(g.group.timeout_s),
+                        l.max_tokens,
+                        num_ranks,
+                        num_ranks > 1,
+                        ranks_masked,
+                        g.group.on_timeout_mask ? l.rank_mask(local, 1 + parity) : nullptr};
     warp_wait_signals(w, num_pairs, l.combine_signal(local, parity, 0, 0), l.dispatch_signal(local, parity, 0, 0),
                       direct ? rank : -1, s.count);
   }
@@ -226,16 +247,18 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
     const int32_t id = lane >= k_count ? -1 : (tile_holds_all ? s.tile[entry] : a.topk_idx[entry]);
     const float weight = lane >= k_count ? 0.0f : (tile_holds_all ? s.weights[entry] : a.topk_weights[entry]);
     const uint32_t same = __match_any_sync(0xffffffffu, id);
-    const bool valid = lane < k_count && id >= 0 && id < num_experts && (same & lanemask_lt()) == 0u;
+    const bool valid = lane < k_count && id >= 0 && id < num_experts && (same & lanemask_lt()) == 0u &&
+                       !masked_rank(ranks_masked, id / num_local);
     const uint32_t valid_mask = __ballot_sync(0xffffffffu, valid);
     const uint8_t* src = nullptr;
     int64_t own_row = -1;
     int32_t seen_t = t, seen_k = lane;
     if (valid) {
       const int e = id % num_local;
+      const int32_t slot = slot_of(s.expert_mask + id * words, t);
       if (direct && id / num_local == rank) {
         const int32_t offset = s.own_offset[e];
-        const int64_t r = offset + static_cast<int64_t>(slot_of(s.own_mask + e * words, t));
+        const int64_t r = offset + static_cast<int64_t>(slot);
         if (offset >= 0 && r < rows) {
           own_row = e * rows + r;
           src = reinterpret_cast<const uint8_t*>(a.y + own_row * l.hidden);
@@ -243,7 +266,7 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
           seen_k = a.src_topk_pos[own_row];
         }
       } else {
-        src = l.combine_row(local, parity, t, lane);
+        src = Layout::payload(l.message(local, parity, e, id / num_local, slot));
       }
     }
     uint32_t use = 0u;
@@ -302,11 +325,15 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, int32_t* sme
   trace_mark(g, seq, OpKind::kCombine, kMarkReceived);
 }
 
-// The receive half's inputs staged before the entry barrier (enter_call's prologue), while thread 0 reads the call
-// state: topk_idx's first tile, and the weights when that tile holds all of topk_idx. By thread i of `step`.
+// The receive half's tables started before the entry barrier (enter_call's prologue), while thread 0 reads the call
+// state and the mask of ranks: the slot masks cleared, topk_idx's first tile staged, and the weights when that tile
+// holds all of topk_idx. By thread i of `step`.
 __device__ __forceinline__ void start_receive_tables(const Layout& l, const CombineArgs& a, int32_t* smem, int i,
                                                      int step) {
   const RecvTables s = recv_tables(l, smem);
+  const int num_words = static_cast<int>(l.num_experts()) * words_per_expert(l);
+#pragma unroll 1
+  for (int w = i; w < num_words; w += step) s.expert_mask[w] = 0u;
   stage_first_topk_tile(a.topk_idx, a.num_tokens, a.num_topk, s.tile, i, step);
   if (static_cast<int64_t>(a.num_tokens) * a.num_topk <= kTopkTile) {
     stage_words(s.weights, a.topk_weights, a.num_tokens * a.num_topk, i, step);
@@ -315,18 +342,20 @@ __device__ __forceinline__ void start_receive_tables(const Layout& l, const Comb
 
 __global__ void __launch_bounds__(kThreads) combine_kernel(CudaGroup g, CombineArgs a) {
   extern __shared__ __align__(16) int32_t smem_words[];
-  int32_t* tables = smem_words + kPlanBytes / 4;
-  const bool recv = (g.group.phases & kRecvPhase) != 0;  // (the plan's receive half: plan_call)
+  int32_t* tables = smem_words + plan_bytes(g.group.layout) / 4;  // after the plan and the mask of ranks
+  const bool recv = (g.group.phases & kRecvPhase) != 0;           // (the plan's receive half: plan_call)
   const CallPlan plan = enter_call(g, OpKind::kCombine, reinterpret_cast<CallPlan*>(smem_words), [&](int i, int n) {
     if (recv) start_receive_tables(g.group.layout, a, tables, i, n);
   });
   trace_mark(g, plan.seq, OpKind::kCombine, kMarkEntry);
-  if (plan.refuse == ErrorCode::kOk) {
+  if (plan.refuse == ErrorCode::kOk && plan.self_masked) {
+    // a masked rank: nothing sent, nothing awaited, the output unspecified
+  } else if (plan.refuse == ErrorCode::kOk) {
     const bool direct = plan.send && plan.recv;
-    if (plan.send) send_half(g, a, tables, plan.seq, direct);
+    if (plan.send) send_half(g, a, plan.mask, tables, plan.seq, direct);
     if (plan.recv) {
       __syncthreads();  // the block's send loop is over before its tables' memory is reused
-      recv_half(g, a, tables, plan.seq, direct);
+      recv_half(g, a, plan.mask, tables, plan.seq, direct);
     }
   } else {
     refuse_call(g, OpKind::kCombine, plan);
@@ -338,7 +367,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CudaGroup g, CombineA
 }  // namespace cuda
 
 size_t combine_smem_bytes(const Layout& l) {
-  return static_cast<size_t>(cuda::kPlanBytes + 4 * (cuda::send_table_words(l) + cuda::recv_table_words(l)));
+  return static_cast<size_t>(cuda::plan_bytes(l) + 4 * (cuda::send_table_words(l) + cuda::recv_table_words(l)));
 }
 
 cudaError_t prepare_combine_kernel(int max_dynamic_smem, size_t smem, int* blocks_per_sm) {

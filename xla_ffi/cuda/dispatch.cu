@@ -178,10 +178,11 @@ __device__ __forceinline__ void chunk_ranges(const Layout& l, int c, int64_t& da
 
 // ---------------------------------------------------------------------------------------------------------------
 // Step 0: per-block routing tables. mask[e][w] bit i: token 32w + i chose global expert e (its first occurrence in
-// the row; out-of-range ids and repeats count as -1); count[e]: the number of such tokens. Block 0 also records the
-// routing errors (the first bad entry of each bad row describes it). When the whole topk_idx fits in one tile, the
-// tile stays in shared memory for the send items. The masks are cleared and the first tile staged before the
-// entry barrier (start_routing_tables, enter_call's prologue), while thread 0 reads the call state.
+// the row; out-of-range ids and repeats count as -1, and so do experts of a masked rank); count[e]: the number of
+// such tokens. Block 0 also records the routing errors (the first bad entry of each bad row describes it) and, when
+// a rank is masked, the pairs dropped. When the whole topk_idx fits in one tile, the tile stays in shared memory for
+// the send items. The masks are cleared and the first tile staged before the entry barrier (start_routing_tables,
+// enter_call's prologue), while thread 0 reads the call state and the mask of ranks.
 // ---------------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ void start_routing_tables(const Layout& l, const DispatchArgs& a, int32_t* tile,
                                                      uint32_t* mask, int i, int step) {
@@ -191,17 +192,22 @@ __device__ __forceinline__ void start_routing_tables(const Layout& l, const Disp
   stage_first_topk_tile(a.topk_idx, a.num_tokens, a.num_topk, tile, i, step);
 }
 
-__device__ void build_routing_tables(const CudaGroup& g, const DispatchArgs& a, int32_t* tile, uint32_t* mask,
-                                     int32_t* count, uint64_t seq) {
+__device__ void build_routing_tables(const CudaGroup& g, const DispatchArgs& a, const uint32_t* ranks_masked,
+                                     int32_t* tile, uint32_t* mask, int32_t* count, uint64_t seq) {
   const Layout& l = g.group.layout;
   const int num_experts = l.num_local_experts * l.num_ranks;
   const int words = words_per_expert(l);
-  // (the entry barrier ordered the clearing and the first tile before any visit)
+  RankState* state = l.state(g.local_region);
+  if (ranks_masked != nullptr && blockIdx.x == 0 && threadIdx.x == 0) state->dropped_last = 0u;
+  // (the entry barrier ordered the clearing and the first tile before any visit; the staging barrier inside orders
+  // the reset before block 0's counts)
   for_each_topk_entry(a.topk_idx, a.num_tokens, a.num_topk, tile, true,
                       [&](int t, int k, int32_t id, bool first, const int32_t* row) {
                         if (id == -1) return;
                         const bool in_range = id >= 0 && id < num_experts;
-                        if (in_range && first) {
+                        if (in_range && first && masked_rank(ranks_masked, id / l.num_local_experts)) {
+                          if (blockIdx.x == 0) atomicAdd(&l.state(g.local_region)->dropped_last, 1u);
+                        } else if (in_range && first) {
                           atomicOr(&mask[id * words + t / 32], 1u << (t % 32));
                         } else if (blockIdx.x == 0 && first_bad_entry(row, k, num_experts)) {
                           record_error(l.state(g.local_region), g.error_flag,
@@ -216,13 +222,19 @@ __device__ void build_routing_tables(const CudaGroup& g, const DispatchArgs& a, 
     for (int w = 0; w < words; ++w) c += __popc(mask[e * words + w]);
     count[e] = c;
   }
-  __syncthreads();  // the tables are complete for the whole block
+  __syncthreads();  // the tables are complete for the whole block (and block 0's dropped count)
+  if (ranks_masked != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    // (this thread's own atomics, and the barrier above orders the other threads' before this read)
+    atomicAdd(reinterpret_cast<unsigned long long*>(&state->dropped_total),
+              static_cast<unsigned long long>(*reinterpret_cast<volatile uint32_t*>(&state->dropped_last)));
+  }
 }
 
 struct SendContext {
   const int32_t* tile;  // topk_idx in shared memory when it fits one tile, else null
   const uint32_t* mask;
   const int32_t* count;
+  const uint32_t* ranks_masked;  // the launch's mask of ranks (CallPlan::mask; null: none masked)
   uint64_t seq;
   int parity;
   int chunks;   // items per token
@@ -256,7 +268,9 @@ __device__ void send_token_chunk(const CudaGroup& g, const DispatchArgs& a, cons
   Chunk ch;
   load_chunk<kMode>(l, a, t, c, ch);                        // (its loads do not depend on the routing below)
   const uint32_t same = __match_any_sync(0xffffffffu, id);  // called by the whole warp (convergent)
-  const bool valid = lane < a.num_topk && id >= 0 && id < num_experts && (same & lanemask_lt()) == 0u;
+  // (an expert of a masked rank counts as -1: a uniform test of the plan's pointer when no rank is masked)
+  const bool valid = lane < a.num_topk && id >= 0 && id < num_experts && (same & lanemask_lt()) == 0u &&
+                     !masked_rank(sc.ranks_masked, id / num_local);
   const uint32_t entries = __ballot_sync(0xffffffffu, valid);
   constexpr bool kFp8 = kMode != Fp8Mode::kNone;
   // Lane k's destination: an output row (own rows of a fused call on rank 0), or a message in the owner's region,
@@ -286,7 +300,7 @@ __device__ void send_token_chunk(const CudaGroup& g, const DispatchArgs& a, cons
       }
     } else {
       const PeerRef peer = peer_of(g, dst);
-      message_offset = l.dispatch_message(local, sc.parity, local_expert, rank, slot) - local;
+      message_offset = l.message(local, sc.parity, local_expert, rank, slot) - local;
       pe = peer.pe;
       if (c == 0) {
         put_16_bytes(peer, local, message_offset, static_cast<uint32_t>(t) | (static_cast<uint64_t>(lane) << 32),
@@ -339,7 +353,8 @@ __device__ void signal_empty_experts(const CudaGroup& g, const SendContext& sc, 
   const Layout& l = g.group.layout;
   const int e = first_expert + lane_id();
   if (e >= l.num_local_experts * l.num_ranks || sc.count[e] != 0) return;
-  if (sc.direct && e / l.num_local_experts == g.group.rank) return;  // own pair of a fused call: no signal
+  if (sc.direct && e / l.num_local_experts == g.group.rank) return;   // own pair of a fused call: no signal
+  if (masked_rank(sc.ranks_masked, e / l.num_local_experts)) return;  // nothing at all goes to a masked rank
   uint8_t* local = g.local_region;
   const int dst = e / l.num_local_experts, local_expert = e % l.num_local_experts;
   send_empty_signal(peer_of(g, dst), local,
@@ -358,16 +373,17 @@ __device__ __forceinline__ int32_t* send_counts(const Layout& l, uint32_t* smem)
 }
 
 template <Fp8Mode kMode>
-__device__ void send_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* smem, uint64_t seq, bool direct) {
+__device__ void send_half(const CudaGroup& g, const DispatchArgs& a, const uint32_t* ranks_masked, uint32_t* smem,
+                          uint64_t seq, bool direct) {
   const Layout& l = g.group.layout;
   const int num_experts = l.num_local_experts * l.num_ranks;
   int32_t* tile = reinterpret_cast<int32_t*>(smem);  // [kTopkTile]
   uint32_t* mask = smem + kTopkTile;                 // [E][words]
   int32_t* count = send_counts(l, smem);             // [E]
-  build_routing_tables(g, a, tile, mask, count, seq);
+  build_routing_tables(g, a, ranks_masked, tile, mask, count, seq);
   trace_mark(g, seq, OpKind::kDispatch, kMarkTables);
   const bool tile_holds_all = static_cast<int64_t>(a.num_tokens) * a.num_topk <= kTopkTile;
-  const SendContext sc{tile_holds_all ? tile : nullptr,  mask,  count, seq, parity_of(seq),
+  const SendContext sc{tile_holds_all ? tile : nullptr,  mask,  count, ranks_masked, seq, parity_of(seq),
                        (l.hidden + kChunk - 1) / kChunk, direct};
   const uint32_t token_items = static_cast<uint32_t>(a.num_tokens) * static_cast<uint32_t>(sc.chunks);
   const uint32_t items = token_items + static_cast<uint32_t>((num_experts + kWarp - 1) / kWarp);
@@ -387,7 +403,8 @@ __device__ void send_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
 // already in place, and their counts are in the send half's tables: those pairs are not waited for).
 // ---------------------------------------------------------------------------------------------------------------
 template <Fp8Mode kMode>
-__device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* smem, uint64_t seq, bool direct) {
+__device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, const uint32_t* ranks_masked, uint32_t* smem,
+                          uint64_t seq, bool direct) {
   const Layout& l = g.group.layout;
   const int num_pairs = static_cast<int>(l.num_experts());
   const int num_ranks = l.num_ranks, rank = g.group.rank;
@@ -400,9 +417,17 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
   const int parity = parity_of(seq);
   const int64_t rows = l.recv_rows();
   if (threadIdx.x < kWarp) {
-    const WaitContext w{
-        l.state(local), g.error_flag, l.missing(local), seq, OpKind::kDispatch, timeout_deadline(g.group.timeout_s),
-        l.max_tokens,   num_ranks,    num_ranks > 1};
+    const WaitContext w{l.state(local),
+                        g.error_flag,
+                        l.missing(local),
+                        seq,
+                        OpKind::kDispatch,
+                        timeout_deadline(g.group.timeout_s),
+                        l.max_tokens,
+                        num_ranks,
+                        num_ranks > 1,
+                        ranks_masked,
+                        g.group.on_timeout_mask ? l.rank_mask(local, 1 + parity) : nullptr};
     warp_wait_signals(w, num_pairs, l.dispatch_signal(local, parity, 0, 0), l.combine_signal(local, parity, 0, 0),
                       direct ? rank : -1, count);
   }
@@ -438,7 +463,7 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
     if (direct && r == g.group.rank) continue;  // written by the send half
     const int slot = m - base[p];
     const int64_t out_row = static_cast<int64_t>(e) * rows + (base[p] - base[e * num_ranks]) + slot;
-    uint8_t* msg = l.dispatch_message(local, parity, e, r, slot);
+    uint8_t* msg = l.message(local, parity, e, r, slot);
     if (lane == 0) {
       const int4 h = __ldcg(reinterpret_cast<const int4*>(Layout::header(msg)));  // MessageHeader
       a.src_info[out_row] = h.x;
@@ -463,7 +488,8 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, uint32_t* s
   trace_mark(g, seq, OpKind::kDispatch, kMarkReceived);
 }
 
-// Keeps a failed receive's outputs self-consistent (nothing received) so that no later op indexes with garbage.
+// Keeps a failed (or masked rank's) receive's outputs self-consistent (nothing received) so that no later op indexes
+// with garbage.
 __device__ void write_empty_layout(const Layout& l, const DispatchArgs& a) {
   if (blockIdx.x != 0) return;
 #pragma unroll 1
@@ -480,18 +506,20 @@ __device__ void write_empty_layout(const Layout& l, const DispatchArgs& a) {
 template <Fp8Mode kMode>
 __global__ void __launch_bounds__(kThreads) dispatch_kernel(CudaGroup g, DispatchArgs a) {
   extern __shared__ __align__(16) uint32_t smem[];
-  uint32_t* tables = smem + kPlanBytes / 4;
-  const bool send = (g.group.phases & kSendPhase) != 0;  // (the plan's send half: plan_call)
+  uint32_t* tables = smem + plan_bytes(g.group.layout) / 4;  // after the plan and the mask of ranks
+  const bool send = (g.group.phases & kSendPhase) != 0;      // (the plan's send half: plan_call)
   const CallPlan plan = enter_call(g, OpKind::kDispatch, reinterpret_cast<CallPlan*>(smem), [&](int i, int n) {
     if (send) start_routing_tables(g.group.layout, a, reinterpret_cast<int32_t*>(tables), tables + kTopkTile, i, n);
   });
   trace_mark(g, plan.seq, OpKind::kDispatch, kMarkEntry);
-  if (plan.refuse == ErrorCode::kOk) {
+  if (plan.refuse == ErrorCode::kOk && plan.self_masked) {
+    if (plan.recv) write_empty_layout(g.group.layout, a);  // a masked rank: nothing sent, nothing awaited
+  } else if (plan.refuse == ErrorCode::kOk) {
     const bool direct = plan.send && plan.recv && g.group.rank == 0;
-    if (plan.send) send_half<kMode>(g, a, tables, plan.seq, direct);
+    if (plan.send) send_half<kMode>(g, a, plan.mask, tables, plan.seq, direct);
     if (plan.recv) {
       __syncthreads();  // the block's send loop is over before its tables' memory is reused
-      recv_half<kMode>(g, a, tables, plan.seq, direct);
+      recv_half<kMode>(g, a, plan.mask, tables, plan.seq, direct);
     }
   } else {
     refuse_call(g, OpKind::kDispatch, plan);
@@ -504,7 +532,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(CudaGroup g, Dispatc
 }  // namespace cuda
 
 size_t dispatch_smem_bytes(const Layout& l) {
-  return static_cast<size_t>(cuda::kPlanBytes +
+  return static_cast<size_t>(cuda::plan_bytes(l) +
                              4 * (cuda::send_table_words(l) + 2 * l.num_experts() + 1 + cuda::kWarp));
 }
 

@@ -16,8 +16,12 @@ namespace jax_ll_ep {
 namespace cuda {
 
 inline constexpr int kWarp = 32;
-// Every kernel keeps its CallPlan (enter_call) at the start of its dynamic shared memory; its tables follow.
+// Every kernel keeps its CallPlan (enter_call) at the start of its dynamic shared memory, then the launch's mask of
+// ranks (plan_bytes: room for Layout::mask_words() words); its tables follow.
 inline constexpr int kPlanBytes = 32;
+__host__ __device__ __forceinline__ int64_t plan_bytes(const Layout& l) {
+  return align_up(kPlanBytes + 4 * static_cast<int64_t>(l.mask_words()), 16);  // (the tables stay 16-byte aligned)
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Memory-model primitives (PTX). Signals are the only words two ranks race on; data is plain stores/loads ordered
@@ -87,7 +91,8 @@ struct ErrorInfo {
   uint64_t signal;
 };
 
-// Out of line: errors are rare, and the kernels' hot paths stay small.
+// Out of line: errors are rare, and the kernels' hot paths stay small. kRanksMasked (on_timeout="mask") is recorded
+// for buf.check() but raises nothing in later calls: it does not set the host flag.
 static __device__ __noinline__ void record_error(RankState* state, uint32_t* flag, const ErrorInfo& e) {
   if (atomicCAS(&state->error_code, 0u, static_cast<uint32_t>(e.code)) == 0u) {
     state->error_kind = static_cast<uint32_t>(e.kind);
@@ -96,6 +101,8 @@ static __device__ __noinline__ void record_error(RankState* state, uint32_t* fla
     state->error_token = e.token;
     state->error_topk_pos = e.topk_pos;
     state->error_signal = e.signal;
+  }
+  if (e.code != ErrorCode::kRanksMasked) {
     // The details above are read by buf.check() after a device synchronisation; the flag only says "look".
     *reinterpret_cast<volatile uint32_t*>(flag) = static_cast<uint32_t>(e.code);
   }
@@ -111,21 +118,31 @@ static __device__ __noinline__ void record_error(RankState* state, uint32_t* fla
 // The call's state as every block of a kernel sees it at entry. RankState's call fields are written only by this
 // rank's kernels, and only by the LAST BLOCK IN of a launch (enter_call): every other block has read them before it
 // counted itself in, so every block of a launch decides on the same values, and no block waits for another at
-// the end of the kernel (stream order hands the new state to the next launch).
+// the end of the kernel (stream order hands the new state to the next launch). The one exception, the ranks a
+// timeout masks, goes to the set of the other parity than the one a launch reads (see "Masking" below).
 // ---------------------------------------------------------------------------------------------------------------
 struct CallState {
   uint64_t seq;       // last completed call
   uint64_t open_seq;  // open send half (0: none)
   uint32_t open_kind;
   uint32_t unusable;  // RankState::unusable (sticky)
+  uint32_t masked;    // ranks in the launch's mask: RankState::masked_count + the previous call's pending_count
 };
 
 // What a launch does, decided identically by every block from the state it read at entry.
 struct CallPlan {
-  uint64_t seq;      // the call's sequence number
-  ErrorCode refuse;  // kOk: proceed; else why the call is refused (nothing is sent, no state changes)
-  bool send, recv;   // the halves this launch runs (GroupArgs::phases)
+  uint64_t seq;          // the call's sequence number
+  ErrorCode refuse;      // kOk: proceed; else why the call is refused (nothing is sent, no state changes)
+  bool send, recv;       // the halves this launch runs (GroupArgs::phases)
+  bool self_masked;      // this rank is in its own mask: the call returns at once (nothing sent, nothing awaited)
+  const uint32_t* mask;  // the launch's mask of ranks in shared memory, or null when no rank is masked (fast path)
 };
+static_assert(sizeof(CallPlan) <= kPlanBytes, "CallPlan must fit its shared-memory slot");
+
+// Whether a launch whose mask is `mask` (CallPlan::mask: null when no rank is masked) treats `rank` as masked.
+__device__ __forceinline__ bool masked_rank(const uint32_t* mask, int rank) {
+  return mask != nullptr && rank_in(mask, rank);
+}
 
 __device__ __forceinline__ CallPlan plan_call(const CallState& cs, OpKind kind, int32_t phases,
                                               const int32_t* ticket_in) {
@@ -148,27 +165,70 @@ __device__ __forceinline__ CallPlan plan_call(const CallState& cs, OpKind kind, 
   return p;
 }
 
-// Called by every thread at kernel entry. Thread 0 of each block reads the call state and counts the block in; the
-// last block in re-arms the entry counter and the other parity's work queue (its last user, the previous call,
-// has finished: stream order), then advances the state: a receive half closes the call, a send half alone opens it
-// and hands its ticket to the receive half. Meanwhile the threads of warps 1.. run prologue(i, n) (thread i of n):
-// work that needs no plan (staging inputs into shared memory), overlapped with thread 0's two round trips.
-// Returns after a block barrier, with the plan and the prologue's stores visible to every thread.
+// Masking (docs/protocol.md). The launch's mask is rank_mask[0] | rank_mask[1 + parity of the last completed call]:
+// the second set holds the ranks whose wait timed out (on_timeout="mask") in the previous call's receive half, which
+// finished before this launch (stream order). A timeout of THIS launch writes the other parity's set (its call's),
+// so no block of a launch can see the mask change under it; the last block in merges the previous call's set into
+// rank_mask[0] once every block has read both. Thread 0 copies the mask into shared memory only when a rank is
+// masked: the fast path reads the two counters, which share RankState's cache line with seq.
+__device__ __forceinline__ void read_mask(const Layout& l, uint8_t* region, int pending, uint32_t* out) {
+  const volatile uint32_t* mask = l.rank_mask(region, 0);
+  const volatile uint32_t* late = l.rank_mask(region, 1 + pending);
+#pragma unroll 1
+  for (int w = 0; w < l.mask_words(); ++w) out[w] = mask[w] | late[w];
+}
+
+// The last block in: the previous call's timed-out ranks join the mask for good. It runs after every block of the
+// launch has read both sets (the acq_rel count of enter_call orders their reads before its writes).
+__device__ __forceinline__ void merge_mask(const Layout& l, uint8_t* region, RankState* state, int pending) {
+  if (state->pending_count[pending] == 0u) return;
+  uint32_t* mask = l.rank_mask(region, 0);
+  uint32_t* late = l.rank_mask(region, 1 + pending);
+  uint32_t count = 0;
+#pragma unroll 1
+  for (int w = 0; w < l.mask_words(); ++w) {
+    mask[w] |= late[w];
+    late[w] = 0u;
+    count += __popc(mask[w]);
+  }
+  state->masked_count = count;
+  state->pending_count[pending] = 0u;
+}
+
+// Called by every thread at kernel entry. Thread 0 of each block reads the call state (and the mask) and counts the
+// block in; the last block in re-arms the entry counter and the other parity's work queue (its last user, the
+// previous call, has finished: stream order), then advances the state: a receive half closes the call, a send half
+// alone opens it and hands its ticket to the receive half. Meanwhile the threads of warps 1.. run prologue(i, n)
+// (thread i of n): work that needs no plan and no mask (staging inputs into the tables after the mask's words),
+// overlapped with thread 0's round trips. Returns after a block barrier, with the plan, the mask and the prologue's
+// stores visible to every thread.
 template <typename Prologue>
 __device__ __forceinline__ CallPlan enter_call(const CudaGroup& g, OpKind kind, CallPlan* shared_plan,
                                                Prologue prologue) {
   if (threadIdx.x == 0) {
-    RankState* state = g.group.layout.state(g.local_region);
+    const Layout& l = g.group.layout;
+    RankState* state = l.state(g.local_region);
     const volatile RankState* vs = state;
-    const CallState cs{vs->seq, vs->open_seq, vs->open_kind, vs->unusable};
-    const CallPlan plan = plan_call(cs, kind, g.group.phases, g.group.ticket_in);
+    const int pending = parity_of(vs->seq);  // the last completed call's timed-out ranks
+    const CallState cs{vs->seq, vs->open_seq, vs->open_kind, vs->unusable,
+                       vs->masked_count + vs->pending_count[pending]};
+    CallPlan plan = plan_call(cs, kind, g.group.phases, g.group.ticket_in);
+    plan.mask = nullptr;
+    plan.self_masked = false;
+    if (cs.masked != 0u) {
+      uint32_t* mask = reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(shared_plan) + kPlanBytes);
+      read_mask(l, g.local_region, pending, mask);
+      plan.mask = mask;
+      plan.self_masked = rank_in(mask, g.group.rank);
+    }
     *shared_plan = plan;
-    // acq_rel: this block's reads of the state above precede the count; the last block in sees every block's count
-    // and therefore writes the state after all of them have read it.
+    // acq_rel: this block's reads of the state (and mask) above precede the count; the last block in sees every
+    // block's count and therefore writes the state after all of them have read it.
     const uint32_t prev = atomic_add_acq_rel_gpu(g.workspace.entered, 1u);
     if (prev == gridDim.x - 1) {
       *g.workspace.entered = 0u;
       g.workspace.queue[parity_of(plan.seq + 1)] = 0u;
+      merge_mask(l, g.local_region, state, pending);
       if (plan.refuse == ErrorCode::kOk) {
         if (plan.recv) {
           state->seq = plan.seq;
@@ -184,7 +244,7 @@ __device__ __forceinline__ CallPlan enter_call(const CudaGroup& g, OpKind kind, 
   } else if (threadIdx.x >= kWarp) {
     prologue(static_cast<int>(threadIdx.x) - kWarp, static_cast<int>(blockDim.x) - kWarp);
   }
-  __syncthreads();  // the plan (and the prologue's shared memory) is visible to the block
+  __syncthreads();  // the plan, the mask and the prologue's stores are visible to the block
   return *shared_plan;
 }
 
@@ -234,9 +294,12 @@ struct WaitContext {
   uint64_t seq;
   OpKind kind;
   uint64_t deadline_ns;
-  int32_t max_count;  // a count above this is corrupt (T for dispatch, T for combine)
-  int32_t num_ranks;  // pair p = local_expert * num_ranks + rank
-  bool peers_remote;  // some peer is another GPU: the acquire must be system scope
+  int32_t max_count;     // a count above this is corrupt (T for dispatch, T for combine)
+  int32_t num_ranks;     // pair p = local_expert * num_ranks + rank
+  bool peers_remote;     // some peer is another GPU: the acquire must be system scope
+  const uint32_t* mask;  // the launch's mask (null: none): a masked rank's pairs are not waited for (count 0)
+  uint32_t* late_mask;   // on_timeout="mask": rank_mask[1 + parity of this call], where a timeout masks the rank
+                         // from the next launch on (null: on_timeout="raise")
 };
 
 // One warp waits for pairs 0..n-1: lane l polls pairs l, l + 32, ..., kPollBatch of them per round with every load
@@ -248,6 +311,8 @@ struct WaitContext {
 // The rare outcomes of a poll, out of line (the polling loop stays small): pair p's signal disagrees with this
 // call (another op kind or a newer call in either signal array, or a corrupt count), or it never came before the
 // deadline. Both are recorded; count[p] = -1.
+// With on_timeout="mask" a pair that times out masks its rank instead: from the next launch on (the outputs of this
+// call are unspecified: its blocks decide on their own), recorded as kRanksMasked, and the buffer stays usable.
 static __device__ __noinline__ void pair_failed(const WaitContext& w, int p, const uint64_t* slot,
                                                 const uint64_t* crossed, bool timed_out, int32_t* count) {
   count[p] = -1;
@@ -257,13 +322,24 @@ static __device__ __noinline__ void pair_failed(const WaitContext& w, int p, con
   } else if (classify_signal(seen, w.seq, w.kind) == SignalState::kPending) {
     seen = load_relaxed_sys(crossed);  // the disagreement is in the other op kind's array
   }
-  record_error(w.state, w.error_flag,
-               ErrorInfo{timed_out ? ErrorCode::kTimeout : ErrorCode::kSequenceMismatch, w.kind, w.seq,
-                         timed_out ? -1 : 1, p % w.num_ranks, p / w.num_ranks, seen});
+  const bool mask = timed_out && w.late_mask != nullptr;
+  if (mask) {
+    const int rank = p % w.num_ranks;
+    const uint32_t bit = 1u << (rank & 31);
+    // relaxed: read by the next launch's entry, after this kernel (stream order)
+    if ((atomicOr(&w.late_mask[rank >> 5], bit) & bit) == 0u) {
+      atomicAdd(&w.state->pending_count[parity_of(w.seq)], 1u);
+    }
+  }
+  record_error(
+      w.state, w.error_flag,
+      ErrorInfo{mask ? ErrorCode::kRanksMasked : (timed_out ? ErrorCode::kTimeout : ErrorCode::kSequenceMismatch),
+                w.kind, w.seq, timed_out ? -1 : 1, p % w.num_ranks, p / w.num_ranks, seen});
 }
 
 // Signals of pairs 0..n-1 are slots[p] (crossed[p]: the same pair in the other op kind's array); pairs of source
-// rank `skip_rank` (a fused call's own pairs, whose count the caller knows; -1: none) are not waited for.
+// rank `skip_rank` (a fused call's own pairs, whose count the caller knows; -1: none) are not waited for, nor are the
+// pairs of a masked rank (count 0).
 static __device__ void warp_wait_signals(const WaitContext& w, int n, const uint64_t* slots, const uint64_t* crossed,
                                          int skip_rank, int32_t* count) {
   constexpr int kPollBatch = 8;
@@ -276,7 +352,10 @@ static __device__ void warp_wait_signals(const WaitContext& w, int n, const uint
     int r = (first + lane) % w.num_ranks;
 #pragma unroll
     for (int j = 0; j < kPollBatch; ++j) {
-      pending |= (first + j * kWarp + lane < n && r != skip_rank ? 1u : 0u) << j;
+      const int p = first + j * kWarp + lane;
+      const bool skip = r == skip_rank || (w.mask != nullptr && rank_in(w.mask, r));
+      if (p < n && skip && r != skip_rank) count[p] = 0;  // a masked rank's pair: never waited for, nothing read
+      pending |= (p < n && !skip ? 1u : 0u) << j;
       r += step_rank;
       r -= r >= w.num_ranks ? w.num_ranks : 0;
     }

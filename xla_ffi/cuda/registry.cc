@@ -69,6 +69,7 @@ void allocate(const RegisterArgs& a, const Layout& l, BufferEntry& b) {
   g.group.regions = b.regions;
   g.group.phases = kBothPhases;
   g.group.timeout_s = a.timeout_s;
+  g.group.on_timeout_mask = a.on_timeout_mask ? 1 : 0;
   g.peer_pes = b.peer_pes;
   g.local_region = reinterpret_cast<uint8_t*>(a.region);
   g.workspace = carve_workspace(b.workspace, l);
@@ -196,6 +197,51 @@ uint64_t Registry::sequence_number(int64_t handle, int device) {
   check_cuda(cudaMemcpy(&s, b->layout().state(b->kernel_args.local_region), sizeof(s), cudaMemcpyDeviceToHost),
              "read RankState");
   return s.seq;
+}
+
+Registry::MaskState Registry::mask_state(int64_t handle, int device) {
+  std::shared_ptr<BufferEntry> b = entry(handle, device);
+  const Layout& l = b->layout();
+  uint8_t* region = b->kernel_args.local_region;
+  check_cuda(cudaSetDevice(b->device), "cudaSetDevice");
+  check_cuda(cudaDeviceSynchronize(), "synchronize before reading the mask");
+  RankState s;
+  check_cuda(cudaMemcpy(&s, l.state(region), sizeof(s), cudaMemcpyDeviceToHost), "read RankState");
+  std::vector<uint32_t> sets(3 * static_cast<size_t>(l.mask_words()));
+  check_cuda(cudaMemcpy(sets.data(), l.rank_mask(region), 4 * sets.size(), cudaMemcpyDeviceToHost), "read the mask");
+  MaskState m{{}, s.dropped_last, s.dropped_total, s.seq, s.open_seq};
+  const uint32_t* late = sets.data() + l.mask_words() * (1 + parity_of(s.seq));  // not merged until the next launch
+  for (int32_t r = 0; r < l.num_ranks; ++r) {
+    if (rank_in(sets.data(), r) || rank_in(late, r)) m.masked.push_back(r);
+  }
+  return m;
+}
+
+void Registry::set_mask(int64_t handle, int device, const std::vector<int32_t>& ranks, uint64_t seq) {
+  std::shared_ptr<BufferEntry> b = entry(handle, device);
+  const Layout& l = b->layout();
+  uint8_t* region = b->kernel_args.local_region;
+  std::vector<uint32_t> sets(3 * static_cast<size_t>(l.mask_words()), 0u);
+  uint32_t count = 0;
+  for (int32_t r : ranks) {
+    if (r < 0 || r >= l.num_ranks) throw std::invalid_argument("jax_ll_ep: set_mask: rank out of range");
+    if (rank_in(sets.data(), r)) continue;
+    sets[r >> 5] |= 1u << (r & 31);
+    ++count;
+  }
+  check_cuda(cudaSetDevice(b->device), "cudaSetDevice");
+  check_cuda(cudaDeviceSynchronize(), "synchronize before setting the mask");
+  RankState s;
+  check_cuda(cudaMemcpy(&s, l.state(region), sizeof(s), cudaMemcpyDeviceToHost), "read RankState");
+  if (s.open_seq != 0) throw std::invalid_argument("jax_ll_ep: set_mask: a split call is open");
+  s.masked_count = count;
+  s.pending_count[0] = s.pending_count[1] = 0;
+  s.dropped_last = 0;
+  s.unusable = 0;
+  s.seq = seq;
+  check_cuda(cudaMemcpy(l.rank_mask(region), sets.data(), 4 * sets.size(), cudaMemcpyHostToDevice), "write the mask");
+  check_cuda(cudaMemcpy(l.state(region), &s, sizeof(s), cudaMemcpyHostToDevice), "write RankState");
+  check_cuda(cudaDeviceSynchronize(), "set the mask");
 }
 
 std::string Registry::read_trace(int64_t handle, int device) {

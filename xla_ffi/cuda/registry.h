@@ -39,7 +39,8 @@ struct RegisterArgs {
   std::vector<uintptr_t> peer_regions;  // [R]: each rank's region as this rank addresses it; 0: NVSHMEM put path
   std::vector<int32_t> peer_pes;        // [R]: each rank's NVSHMEM PE (put path)
   double timeout_s = 0.0;
-  bool trace = false;  // record the kernels' phase trace (launch.h)
+  bool on_timeout_mask = false;  // Buffer(on_timeout="mask")
+  bool trace = false;            // record the kernels' phase trace (launch.h)
 };
 
 // One rank's device resources.
@@ -82,6 +83,18 @@ class Registry {
   std::optional<ErrorRecord> take_error(int64_t handle, int device);
   // After a device synchronisation: the rank's last completed call.
   uint64_t sequence_number(int64_t handle, int device);
+
+  // Masking, after a device synchronisation (outside any call: buf.mask_ranks settles the buffer's programs first).
+  struct MaskState {
+    std::vector<int32_t> masked;  // the ranks the rank's mask holds (with those a timeout masked in its last call)
+    uint32_t dropped_last;
+    uint64_t dropped_total;
+    uint64_t seq;
+    uint64_t open_seq;
+  };
+  MaskState mask_state(int64_t handle, int device);
+  // The rank's mask = ranks, its last completed call = seq, RankState::unusable cleared, dropped_last = 0.
+  void set_mask(int64_t handle, int device, const std::vector<int32_t>& ranks, uint64_t seq);
   // After a device synchronisation: the phase trace rows (kTraceRows x kTraceMarks uint64), as bytes.
   std::string read_trace(int64_t handle, int device);
 

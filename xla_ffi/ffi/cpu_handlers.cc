@@ -60,6 +60,7 @@ struct Platform {
     b.group.rank = it->second.rank;
     b.group.regions = entry->regions[it->second.group].data();
     b.group.timeout_s = entry->timeout_s;
+    b.group.on_timeout_mask = entry->on_timeout_mask ? 1 : 0;
     b.env.group = it->second.group;
     b.env.record_lock = &b.resolved.entry->record_lock;
     b.env.hooks = b.resolved.hooks.get();

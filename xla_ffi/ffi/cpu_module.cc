@@ -103,14 +103,15 @@ NB_MODULE(_jax_ll_ep_cpu, m) {
   m.def(
       "create_buffer",
       [](int64_t handle, int32_t num_ranks, int32_t num_experts, int32_t max_tokens, int32_t hidden, double timeout_s,
-         int32_t num_groups, const std::vector<std::tuple<int32_t, int32_t, int32_t>>& devices,
+         bool on_timeout_mask, int32_t num_groups, const std::vector<std::tuple<int32_t, int32_t, int32_t>>& devices,
          const std::string& shm_name) {
-        CreateArgs args{handle, num_ranks, num_experts, max_tokens, hidden, timeout_s, num_groups, {}, shm_name};
+        CreateArgs args{handle,    num_ranks,       num_experts, max_tokens, hidden,
+                        timeout_s, on_timeout_mask, num_groups,  {},         shm_name};
         for (const auto& [device, group, rank] : devices) args.devices.push_back({device, DeviceRank{group, rank}});
         raise_if(Registry::instance().create(args));
       },
       nb::arg("handle"), nb::arg("num_ranks"), nb::arg("num_experts"), nb::arg("max_tokens"), nb::arg("hidden"),
-      nb::arg("timeout_s"), nb::arg("num_groups"), nb::arg("devices"), nb::arg("shm_name"),
+      nb::arg("timeout_s"), nb::arg("on_timeout_mask"), nb::arg("num_groups"), nb::arg("devices"), nb::arg("shm_name"),
       "Registers a buffer: devices are this process's (global device id, group, rank); shm_name '' allocates "
       "private memory, else maps that segment (created by shm_create).");
 
@@ -132,6 +133,33 @@ NB_MODULE(_jax_ll_ep_cpu, m) {
       },
       nb::arg("handle"), nb::arg("clear"),
       "The error records of this process's ranks that hold one (first error since the last check).");
+
+  m.def(
+      "mask_states",
+      [](int64_t handle) {
+        nb::list out;
+        for (const Registry::MaskState& m : Registry::instance().mask_states(handle)) {
+          nb::dict d;
+          d["group"] = m.group;
+          d["rank"] = m.rank;
+          d["masked"] = nb::cast(m.masked);
+          d["dropped_last"] = m.dropped_last;
+          d["dropped_total"] = m.dropped_total;
+          d["seq"] = m.seq;
+          d["open_seq"] = m.open_seq;
+          out.append(d);
+        }
+        return out;
+      },
+      nb::arg("handle"),
+      "Per local rank: group, rank, masked (the ranks its mask holds), dropped_last, dropped_total, seq, open_seq.");
+  m.def(
+      "set_mask",
+      [](int64_t handle, const std::vector<int32_t>& ranks, uint64_t seq) {
+        raise_if(Registry::instance().set_mask(handle, ranks, seq));
+      },
+      nb::arg("handle"), nb::arg("ranks"), nb::arg("seq"),
+      "Every local rank: mask = ranks, call sequence = seq, sticky unusable state cleared (outside any call).");
 
   m.def(
       "sequence_numbers", [](int64_t handle) { return Registry::instance().sequence_numbers(handle); },

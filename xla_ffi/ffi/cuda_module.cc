@@ -44,7 +44,7 @@ NB_MODULE(_jax_ll_ep_cuda, m) {
       "register_buffer",
       [](int64_t handle, int device, int32_t group, int32_t rank, int32_t num_ranks, int32_t num_experts,
          int32_t max_tokens, int32_t hidden, uintptr_t region, const std::vector<uintptr_t>& peer_regions,
-         const std::vector<int32_t>& peer_pes, double timeout_s, bool trace) {
+         const std::vector<int32_t>& peer_pes, double timeout_s, bool on_timeout_mask, bool trace) {
         RegisterArgs a;
         a.handle = handle;
         a.device = device;
@@ -58,12 +58,13 @@ NB_MODULE(_jax_ll_ep_cuda, m) {
         a.peer_regions = peer_regions;
         a.peer_pes = peer_pes;
         a.timeout_s = timeout_s;
+        a.on_timeout_mask = on_timeout_mask;
         a.trace = trace;
         Registry::instance().add(a);
       },
       nb::arg("handle"), nb::arg("device"), nb::arg("group"), nb::arg("rank"), nb::arg("num_ranks"),
       nb::arg("num_experts"), nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("region"), nb::arg("peer_regions"),
-      nb::arg("peer_pes"), nb::arg("timeout_s"), nb::arg("trace"),
+      nb::arg("peer_pes"), nb::arg("timeout_s"), nb::arg("on_timeout_mask"), nb::arg("trace"),
       "Registers one rank of a buffer on its CUDA device (zeroes the region and waits for it).");
   m.def(
       "unregister_buffer", [](int64_t handle, int device) { Registry::instance().remove(handle, device); },
@@ -81,6 +82,27 @@ NB_MODULE(_jax_ll_ep_cuda, m) {
       "sequence_number",
       [](int64_t handle, int device) { return Registry::instance().sequence_number(handle, device); },
       nb::arg("handle"), nb::arg("device"), "The rank's last completed call, after a device synchronisation.");
+  m.def(
+      "mask_state",
+      [](int64_t handle, int device) {
+        const Registry::MaskState m = Registry::instance().mask_state(handle, device);
+        nb::dict d;
+        d["masked"] = nb::cast(m.masked);
+        d["dropped_last"] = m.dropped_last;
+        d["dropped_total"] = m.dropped_total;
+        d["seq"] = m.seq;
+        d["open_seq"] = m.open_seq;
+        return d;
+      },
+      nb::arg("handle"), nb::arg("device"),
+      "The rank's mask state after a device synchronisation: masked, dropped_last, dropped_total, seq, open_seq.");
+  m.def(
+      "set_mask",
+      [](int64_t handle, int device, const std::vector<int32_t>& ranks, uint64_t seq) {
+        Registry::instance().set_mask(handle, device, ranks, seq);
+      },
+      nb::arg("handle"), nb::arg("device"), nb::arg("ranks"), nb::arg("seq"),
+      "The rank's mask = ranks, last completed call = seq, the sticky refusal cleared (outside any call).");
   m.def(
       "read_trace",
       [](int64_t handle, int device) {

@@ -15,6 +15,7 @@ struct GroupArgs {
   uint8_t* const* regions;  // regions[r]: rank r's region as this rank addresses it (peer pointers)
   int32_t phases;           // Phase bits: kSendPhase, kRecvPhase or both
   double timeout_s;         // bound on every wait
+  int32_t on_timeout_mask;  // 1: a wait that times out masks the silent ranks and completes (Buffer on_timeout)
   // Split forms only (null in the fused ops). The ticket is the call's sequence number, low 31 bits: the send half
   // writes it, the receive half checks it against the open call (a mismatch is kSplitMisuse).
   int32_t* ticket_out;       // [1], written by a send-only call

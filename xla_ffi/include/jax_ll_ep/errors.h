@@ -34,14 +34,20 @@ enum class ErrorCode : uint32_t {
   kSplitMisuse = 5,
   // combine: the handle does not fit the receive layout or this rank's topk_idx. detail < 0: -1 - pair of a
   // layout_range entry outside the layout (token: its rank, topk_pos: its local expert; its rows were not sent);
-  // detail >= 0: a handle row outside the layout (token: src_info, topk_pos: src_topk_pos; the row was not sent),
-  // or a pair whose row count disagrees with topk_idx (token: rank, topk_pos: local expert).
+  // detail >= 0: a pair whose row count disagrees with topk_idx (token: rank, topk_pos: local expert), or (a fused
+  // cuda call) one of this rank's own rows whose src_info / src_topk_pos name another (token, k) (token, topk_pos:
+  // that (token, k)). Rows go back by their slot, so src_info / src_topk_pos never address anything.
   kInvalidHandle = 6,
   // A send refused, nothing written, because an earlier call timed out or saw a sequence mismatch
-  // (RankState::unusable): peers may be in another call. detail: that ErrorCode.
+  // (RankState::unusable): peers may be in another call. detail: that ErrorCode. buf.mask_ranks (collective) makes
+  // the buffer usable again.
   kBufferUnusable = 7,
+  // on_timeout="mask": some signals never came within timeout_s, and their ranks are masked from now on (the missing
+  // table lists the pairs). Not a failure: the call completed without those ranks and the buffer stays usable; it is
+  // recorded so that buf.check() reports it. detail: the number of missing pairs (CPU) or -1 (CUDA).
+  kRanksMasked = 8,
 };
-inline constexpr int kNumErrorCodes = 8;
+inline constexpr int kNumErrorCodes = 9;
 
 // kSplitMisuse: which rule a split half broke (the record's detail).
 enum class SplitMisuse : int32_t {
@@ -67,6 +73,7 @@ inline constexpr ErrorName kErrorNames[kNumErrorCodes] = {
     {"split_misuse", "split send/recv used out of order"},
     {"invalid_handle", "the dispatch handle passed to combine does not match its dispatch"},
     {"buffer_unusable", "a send refused after an earlier timeout or sequence mismatch"},
+    {"ranks_masked", "a wait timed out and the silent ranks were masked (on_timeout='mask')"},
 };
 
 inline const ErrorName& error_name(uint32_t code) {
@@ -116,7 +123,7 @@ inline ErrorRecord read_record(const RankState& s, const uint8_t* missing, const
   r.signal = s.error_signal;
   r.count = s.error_count;
   r.num_experts = layout.num_experts();
-  if (r.code == ErrorCode::kTimeout) {
+  if (r.code == ErrorCode::kTimeout || r.code == ErrorCode::kRanksMasked) {
     for (int32_t e = 0; e < layout.num_local_experts; ++e) {
       for (int32_t peer = 0; peer < layout.num_ranks; ++peer) {
         if (missing[layout.pair_index(e, peer)]) r.missing.emplace_back(peer, e);
@@ -145,6 +152,20 @@ inline std::string missing_pairs(const ErrorRecord& r) {
     out += format("%s(rank %d, local expert %d)", i ? ", " : "", r.missing[i].first, r.missing[i].second);
   }
   if (r.missing.size() > kShown) out += format(" and %zu more", r.missing.size() - kShown);
+  return out.empty() ? std::string("(not recorded)") : out;
+}
+
+// The distinct ranks of the missing pairs, "1, 3".
+inline std::string missing_ranks(const ErrorRecord& r) {
+  std::string out;
+  std::vector<int32_t> seen;
+  for (const auto& [rank, local_expert] : r.missing) {
+    bool known = false;
+    for (int32_t s : seen) known = known || s == rank;
+    if (known) continue;
+    seen.push_back(rank);
+    out += format("%s%d", out.empty() ? "" : ", ", rank);
+  }
   return out.empty() ? std::string("(not recorded)") : out;
 }
 
@@ -182,7 +203,8 @@ inline std::string error_what(const ErrorRecord& r) {
   switch (r.code) {
     case ErrorCode::kTimeout:
       return "timed out; signals never came from " + error_text::missing_pairs(r) +
-             ". A peer did not make this call or is more than timeout_s late; close the buffer and create a new one";
+             ". A peer did not make this call or is more than timeout_s late; mask the ranks that are gone with "
+             "buf.mask_ranks(...) on every live process, or close the buffer and create a new one";
     case ErrorCode::kSequenceMismatch:
       return format(
           "rank %d signalled local expert %d for its call seq=%u (%s); the ranks issued different sequences of calls "
@@ -208,9 +230,16 @@ inline std::string error_what(const ErrorRecord& r) {
           "handle row or pair %lld); the handle and topk_idx passed to combine must come from the same dispatch, "
           "unchanged",
           id);
+    case ErrorCode::kRanksMasked:
+      return "timed out; signals never came from " + error_text::missing_pairs(r) + ". on_timeout='mask': rank(s) " +
+             error_text::missing_ranks(r) +
+             " are masked on this buffer from this call on (the call completed without them; buf.masked_ranks lists "
+             "them). Once every live process agrees, call buf.mask_ranks(...) with the same list everywhere, or "
+             "buf.mask_ranks([]) when the ranks are back";
     case ErrorCode::kBufferUnusable:
       return format(
           "refused, nothing sent: an earlier call on this buffer %s, so the ranks' calls can no longer be matched; "
+          "mask the ranks that are gone with buf.mask_ranks(...) on every live process (it re-aligns the calls), or "
           "close the buffer and create a new one",
           r.detail == static_cast<int64_t>(ErrorCode::kTimeout) ? "timed out" : "saw a sequence mismatch");
     default:

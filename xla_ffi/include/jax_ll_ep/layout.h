@@ -10,16 +10,21 @@
 //   state            RankState: the rank's call sequence number and its error record (device state, advanced by the
 //                    protocol code itself; no host state per call).
 //   missing          [E_l][R] uint8: which (rank, local expert) signals never came in the call that timed out.
+//   rank_mask        [3][W] uint32 bit sets of ranks (W = ceil(R / 32)): [0] the ranks this rank treats as masked
+//                    (sends nothing to, waits on nothing from, reads no slot of); [1 + parity] ranks a cuda launch's
+//                    timeout masked, merged into [0] by the next launch (protocol.cuh).
 //   dispatch_signal  [2][E_l][R] uint64: signal from source rank r for local expert e, by parity of the call.
 //   combine_signal   [2][E_l][R] uint64: signal from expert-owner rank r for its local expert e, by parity.
 //   send             [T] dispatch messages: the sender's staged copy of each token (cast once, sent to K experts).
-//   dispatch_recv    [2][E_l][R][T] dispatch messages: slot s of (e, r) holds source rank r's s-th token (in token
-//                    order) that chose local expert e.
-//   combine_recv     [2][T][kMaxTopk] rows of H bf16: row (t, k) holds the expert output for this rank's token t and
-//                    its k-th choice.
+//   recv             [2][E_l][R][T] messages, the receive slots of both ops. Pair (e, r), slot s: in a dispatch,
+//                    source rank r's s-th token (in token order) that chose local expert e of this rank; in a
+//                    combine, expert owner r's output row (in the payload) for this rank's s-th token that chose r's
+//                    local expert e (the same slot that token had in r's dispatch).
 //
-// Receive regions and signals are double-buffered by the parity of the call's sequence number (reuse safety,
-// docs/protocol.md); signals carry the sequence number itself (call identity), so they are never cleaned.
+// Every slot, data or signal, is indexed by the rank that writes it: a rank writes only the pairs (e, itself) of a
+// peer's region, so a reader that ignores a rank's pairs can never be disturbed by that rank (masking,
+// docs/protocol.md). Receive slots and signals are double-buffered by the parity of the call's sequence number (reuse
+// safety); signals carry the sequence number itself (call identity), so they are never cleaned.
 #pragma once
 
 #include <stdint.h>
@@ -91,6 +96,9 @@ JLE_HD SignalState classify_signal(uint64_t signal, uint64_t seq, OpKind kind) {
 
 JLE_HD int parity_of(uint64_t seq) { return static_cast<int>(seq & 1u); }
 
+// Whether `rank` is in a bit set of ranks (Layout::rank_mask).
+JLE_HD bool rank_in(const uint32_t* mask, int rank) { return ((mask[rank >> 5] >> (rank & 31)) & 1u) != 0u; }
+
 // The split forms' ticket, handed from a send half to its receive half: the call's sequence number, low 31 bits.
 JLE_HD int32_t ticket_of(uint64_t seq) { return static_cast<int32_t>(seq & 0x7fffffffu); }
 
@@ -136,7 +144,14 @@ struct RankState {
   // because a peer still in an earlier call could otherwise read this rank's newer data as its own
   // (verification/: limit-retry-silent). Close the buffer and create a new one.
   uint32_t unusable;
-  uint64_t reserved[5];
+  // Masking (docs/protocol.md): the number of ranks in rank_mask[0] (0: no rank masked, the kernels' fast path reads
+  // only this word), the (token, expert) pairs dropped because their expert's rank was masked (the last call, and
+  // every call since the buffer was created), and the number of ranks in each rank_mask[1 + parity] (cuda).
+  uint32_t masked_count;
+  uint32_t dropped_last;
+  uint64_t dropped_total;
+  uint32_t pending_count[2];
+  uint64_t reserved[2];
 };
 static_assert(sizeof(RankState) == 128, "RankState must stay 128 bytes");
 
@@ -150,15 +165,14 @@ struct Layout {
   int32_t num_local_experts;  // E_l = E / R
   int32_t max_tokens;         // T
   int32_t hidden;             // H
-  int64_t message_bytes;      // stride of one dispatch message
-  int64_t combine_row_bytes;  // stride of one combine row (2H)
+  int64_t message_bytes;      // stride of one message (a dispatch message, or a combine row after a header's room)
   int64_t state_offset;
   int64_t missing_offset;
+  int64_t rank_mask_offset;
   int64_t dispatch_signal_offset;
   int64_t combine_signal_offset;
   int64_t send_offset;
-  int64_t dispatch_recv_offset;
-  int64_t combine_recv_offset;
+  int64_t recv_offset;
   int64_t region_bytes;
 
   // E = E_l x R: the experts of the exchange, and also the (local expert, rank) signal pairs of every region.
@@ -178,9 +192,15 @@ struct Layout {
   JLE_HD int64_t pair_index(int local_expert, int rank) const {
     return static_cast<int64_t>(local_expert) * num_ranks + rank;
   }
+  // uint32 words of one bit set of ranks.
+  JLE_HD int32_t mask_words() const { return (num_ranks + 31) / 32; }
 
   JLE_HD RankState* state(uint8_t* region) const { return reinterpret_cast<RankState*>(region + state_offset); }
   JLE_HD uint8_t* missing(uint8_t* region) const { return region + missing_offset; }
+  // which = 0: the mask in force; 1 + parity: ranks a cuda launch of that call parity masked on timeout.
+  JLE_HD uint32_t* rank_mask(uint8_t* region, int which = 0) const {
+    return reinterpret_cast<uint32_t*>(region + rank_mask_offset) + which * mask_words();
+  }
   JLE_HD uint64_t* dispatch_signal(uint8_t* region, int parity, int local_expert, int src_rank) const {
     return reinterpret_cast<uint64_t*>(region + dispatch_signal_offset) + parity * num_experts() +
            pair_index(local_expert, src_rank);
@@ -192,17 +212,14 @@ struct Layout {
   JLE_HD uint8_t* send_message(uint8_t* region, int token) const {
     return region + send_offset + static_cast<int64_t>(token) * message_bytes;
   }
-  JLE_HD uint8_t* dispatch_message(uint8_t* region, int parity, int local_expert, int src_rank, int slot) const {
+  // Receive slot `slot` of pair (local_expert, rank): written only by `rank` (see the region's description above).
+  JLE_HD uint8_t* message(uint8_t* region, int parity, int local_expert, int rank, int slot) const {
     const int64_t index =
-        (static_cast<int64_t>(parity) * num_experts() + pair_index(local_expert, src_rank)) * max_tokens + slot;
-    return region + dispatch_recv_offset + index * message_bytes;
-  }
-  JLE_HD uint8_t* combine_row(uint8_t* region, int parity, int token, int topk_pos) const {
-    const int64_t index = (static_cast<int64_t>(parity) * max_tokens + token) * kMaxTopk + topk_pos;
-    return region + combine_recv_offset + index * combine_row_bytes;
+        (static_cast<int64_t>(parity) * num_experts() + pair_index(local_expert, rank)) * max_tokens + slot;
+    return region + recv_offset + index * message_bytes;
   }
 
-  // Payload pointers inside a dispatch message.
+  // Payload pointers inside a message (a combine row is the payload of its slot).
   JLE_HD static MessageHeader* header(uint8_t* message) { return reinterpret_cast<MessageHeader*>(message); }
   JLE_HD static uint8_t* payload(uint8_t* message) { return message + sizeof(MessageHeader); }
   JLE_HD float* fp8_scales(uint8_t* message) const {
@@ -225,23 +242,21 @@ JLE_HD Layout make_layout(int32_t num_ranks, int32_t num_experts, int32_t max_to
   const int64_t fp8_bytes = l.wire_bytes(Fp8Mode::kFloatScale);
   const int64_t bf16_bytes = l.wire_bytes(Fp8Mode::kNone);
   l.message_bytes = align_up(fp8_bytes > bf16_bytes ? fp8_bytes : bf16_bytes, 16);
-  l.combine_row_bytes = 2 * static_cast<int64_t>(hidden);
   int64_t offset = 0;
   l.state_offset = offset;
   offset = align_up(offset + static_cast<int64_t>(sizeof(RankState)), kRegionAlign);
   l.missing_offset = offset;
   offset = align_up(offset + l.num_experts(), kRegionAlign);
+  l.rank_mask_offset = offset;
+  offset = align_up(offset + 3 * 4 * static_cast<int64_t>(l.mask_words()), kRegionAlign);
   l.dispatch_signal_offset = offset;
   offset = align_up(offset + kNumParities * l.num_experts() * 8, kRegionAlign);
   l.combine_signal_offset = offset;
   offset = align_up(offset + kNumParities * l.num_experts() * 8, kRegionAlign);
   l.send_offset = offset;
   offset = align_up(offset + static_cast<int64_t>(max_tokens) * l.message_bytes, kRegionAlign);
-  l.dispatch_recv_offset = offset;
+  l.recv_offset = offset;
   offset = align_up(offset + kNumParities * l.num_experts() * max_tokens * l.message_bytes, kRegionAlign);
-  l.combine_recv_offset = offset;
-  offset =
-      align_up(offset + kNumParities * static_cast<int64_t>(max_tokens) * kMaxTopk * l.combine_row_bytes, kRegionAlign);
   l.region_bytes = offset;
   return l;
 }
