@@ -581,6 +581,21 @@ def check_mask():
     assert_clean(buf)
 
 
+def check_mask_large():
+    """Masking at the decode shape: T=128 tokens per rank, hidden 7168, top-8, the last rank and then rank 0 masked;
+    dispatch and combine of every live rank against the masked oracle (the other mask checks use small rows, where
+    a combine reads a few bytes per pair)."""
+    if R == 1:
+        return
+    e = 8 * R
+    with make_buffer(num_experts=e, max_tokens=128, hidden=7168) as buf:
+        for i, masked in enumerate([(R - 1,), (0,), ()]):
+            buf.mask_ranks(masked)
+            inputs = make_inputs(2200 + i, num_ranks=R, n=128, hidden=7168, topk=8, num_experts=e)
+            masked_roundtrip(buf, masked, inputs, where=f"mask_large {masked}")
+        assert_clean(buf)
+
+
 def _stopped_rank(on_timeout: str) -> None:
     """Rank R-1 skips a dispatch (its process lives on, like a rank that was only slow): the others' call stops
     after timeout_s (on_timeout="raise": ProtocolTimeoutError; "mask": the call completes and check() reports
@@ -767,6 +782,7 @@ CHECKS = {
     "sequence_mismatch": check_sequence_mismatch,
     "timeout": check_timeout,
     "mask": check_mask,
+    "mask_large": check_mask_large,
     "stopped_rank_masked": check_stopped_rank_masked,
     "stopped_rank_raise_then_mask": check_stopped_rank_raise_then_mask,
     "fuzz_sample": check_fuzz_sample,

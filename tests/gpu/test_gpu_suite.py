@@ -46,6 +46,7 @@ CHECKS = [
     "sequence_mismatch",
     "timeout",
     "mask",
+    "mask_large",
     "stopped_rank_masked",
     "stopped_rank_raise_then_mask",
     "fuzz_sample",

@@ -241,6 +241,10 @@ void Registry::set_mask(int64_t handle, int device, const std::vector<int32_t>& 
   s.seq = seq;
   check_cuda(cudaMemcpy(l.rank_mask(region), sets.data(), 4 * sets.size(), cudaMemcpyHostToDevice), "write the mask");
   check_cuda(cudaMemcpy(l.state(region), &s, sizeof(s), cudaMemcpyHostToDevice), "write RankState");
+  // The next call claims its send items from the work queue of its own parity, which only the previous call's last
+  // block in re-arms; `seq` may have moved by an odd number here (a rank that sat out calls), so re-arm both (no
+  // call runs: synchronized above).
+  check_cuda(cudaMemset(b->kernel_args.workspace.queue, 0, kNumParities * sizeof(uint32_t)), "re-arm work queues");
   check_cuda(cudaDeviceSynchronize(), "set the mask");
 }
 
