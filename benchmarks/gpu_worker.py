@@ -456,6 +456,26 @@ def copy_bandwidth(m: Mesh) -> dict:
 LOOP_METHODS = ("cuda_loop", "jax_packed_loop")
 
 
+def loop_trace(buf) -> dict:
+    """With JAX_LL_EP_TRACE=1: the device's view of the last calls of a loop (median us over the trace's rows):
+    each op from block 0's entry (after the call state is read) to the last block's exit, and the gap from one op's
+    exit to the next op's entry (the kernel boundary, the loop's own work and the next op's entry)."""
+    rows, marks = _extension.cuda_module().trace_shape()
+    raw, last_seq = buf.backend.trace()
+    trace = np.frombuffer(raw, np.uint64).reshape(rows, marks).astype(np.int64)
+    calls = []
+    for seq in range(max(1, last_seq - rows + 1), last_seq + 1):
+        row = trace[seq % rows]
+        if row[0] >> 8 == seq and row[1] != 0 and row[6] != 0:
+            calls.append(("dispatch" if row[0] & 0xFF == 1 else "combine", int(row[1]), int(row[6])))
+    out: dict = {}
+    for (kind, entry, exit_), nxt in zip(calls, calls[1:] + [None], strict=True):
+        out.setdefault(f"{kind} entry -> exit", []).append((exit_ - entry) / 1e3)
+        if nxt is not None:
+            out.setdefault(f"{kind} exit -> {nxt[0]} entry", []).append((nxt[1] - exit_) / 1e3)
+    return {name: float(np.median(v)) for name, v in out.items()}
+
+
 def make_buffer(m: Mesh, backend: str, experts: int, t_max: int, hidden: int) -> ep.Buffer:
     """A buffer of the run's configuration (the dry run swaps the cpu backend in for cuda)."""
     backend = "cpu" if DRY_RUN and backend == "cuda" else backend
@@ -493,6 +513,9 @@ def run_loop(m: Mesh, name: str, t_max: int, hidden: int, topk: int, experts: in
         )
         if buf is not None:
             buf.check()
+            if buf.backend.name == "cuda" and ep.CudaOptions().trace:
+                entry["trace_us"] = loop_trace(buf)
+                log(f"loop trace T={t_max}: {json.dumps(entry['trace_us'])}")
         entry["seconds"] = round(time.time() - t0, 1)
         log(f"{name} T={t_max}: pair {np.median(entry['pair_ns']) / 1e3:.1f} us ({entry['seconds']} s)")
     except Exception as exc:  # noqa: BLE001 - recorded, the run goes on

@@ -10,7 +10,8 @@
 # 5. stops MPS and runs compute-sanitizer (memcheck, racecheck) on a small 2-rank case,
 # 6. prints a summary. Logs and results go to OUT_DIR (default build/gpu-suite).
 # JAX_LL_EP_GPU_RANKS (default 1,2,4,8) picks the rank counts; JAX_LL_EP_GPU_SANITIZER=0 skips step 5, and
-# JAX_LL_EP_GPU_SANITIZER_TOOLS (default "memcheck racecheck") picks its tools.
+# JAX_LL_EP_GPU_SANITIZER_TOOLS (default "memcheck racecheck") picks its tools; JAX_LL_EP_GPU_TESTS (default tests/gpu)
+# the pytest paths of step 4 (e.g. tests/gpu/test_gpu_suite.py::test_gpu, with JAX_LL_EP_GPU_CHECKS, for a re-run).
 # Python: $PYTHON (default python3) with jax[cuda13], nvidia-nvshmem-cu13, cuda-core and pytest installed.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,7 +53,7 @@ nvidia-cuda-mps-control -d && mps_on=1 || note "WARNING: MPS did not start; rank
 
 # 4. the suite
 status=0
-JAX_LL_EP_GPU_OUT="$out/runs" "$py" -m pytest tests/gpu -m gpu -p no:cacheprovider -q -rfE \
+JAX_LL_EP_GPU_OUT="$out/runs" "$py" -m pytest ${JAX_LL_EP_GPU_TESTS:-tests/gpu} -m gpu -p no:cacheprovider -q -rfE \
   --junitxml="$out/junit.xml" -o "junit_family=xunit2" >"$out/pytest.log" 2>&1 || status=1
 tail -25 "$out/pytest.log"
 "$py" - "$out/junit.xml" <<'EOF' | tee -a "$summary"

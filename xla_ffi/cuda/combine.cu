@@ -151,7 +151,7 @@ __device__ __forceinline__ RecvTables recv_tables(const Layout& l, int32_t* smem
 // float32, no FMA), 8 channels per lane; one item = consecutive 256-channel chunks of one token.
 // ---------------------------------------------------------------------------------------------------------------
 __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, const uint32_t* ranks_masked, int32_t* smem,
-                          uint64_t seq, bool direct) {
+                          uint64_t seq, bool direct, int per_item) {
   const Layout& l = g.group.layout;
   const int num_pairs = static_cast<int>(l.num_experts());
   const int num_ranks = l.num_ranks, num_local = l.num_local_experts, rank = g.group.rank;
@@ -229,11 +229,9 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, const uint32
   }
   const int units = l.hidden / 8;                       // 16 bytes of bf16 each
   const int unit_chunks = (units + kWarp - 1) / kWarp;  // chunks of 256 channels per token
-  // An item is `per_item` consecutive chunks of one token, as few as give every warp of the grid an item: the
-  // token's routing, weights and rows are found once per item, not once per chunk.
-  const int64_t all_chunks = static_cast<int64_t>(n) * unit_chunks;
+  // An item is `per_item` consecutive chunks of one token (chunks_per_item): the token's routing, weights and rows
+  // are found once per item, not once per chunk.
   const int64_t warps = num_global_warps();
-  const int per_item = static_cast<int>(all_chunks > warps ? (all_chunks + warps - 1) / warps : 1);
   const int items_per_token = (unit_chunks + per_item - 1) / per_item;
   const int64_t items = static_cast<int64_t>(n) * items_per_token;
 #pragma unroll 1
@@ -340,7 +338,7 @@ __device__ __forceinline__ void start_receive_tables(const Layout& l, const Comb
   }
 }
 
-__global__ void __launch_bounds__(kThreads) combine_kernel(CudaGroup g, CombineArgs a) {
+__global__ void __launch_bounds__(kThreads) combine_kernel(CudaGroup g, CombineArgs a, int32_t per_item) {
   extern __shared__ __align__(16) int32_t smem_words[];
   int32_t* tables = smem_words + plan_bytes(g.group.layout) / 4;  // after the plan and the mask of ranks
   const bool recv = (g.group.phases & kRecvPhase) != 0;           // (the plan's receive half: plan_call)
@@ -355,7 +353,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CudaGroup g, CombineA
     if (plan.send) send_half(g, a, plan.mask, tables, plan.seq, direct);
     if (plan.recv) {
       __syncthreads();  // the block's send loop is over before its tables' memory is reused
-      recv_half(g, a, plan.mask, tables, plan.seq, direct);
+      recv_half(g, a, plan.mask, tables, plan.seq, direct, per_item);
     }
   } else {
     refuse_call(g, OpKind::kCombine, plan);
@@ -374,6 +372,22 @@ cudaError_t prepare_combine_kernel(int max_dynamic_smem, size_t smem, int* block
   return cuda::prepare_kernel(cuda::combine_kernel, cuda::kThreads, max_dynamic_smem, smem, blocks_per_sm);
 }
 
+// The reduction's item size: `per_item` consecutive 256-channel chunks of one token, the largest that keeps the
+// slowest warp's share (rounds of items x chunks per item) at its minimum. One item per warp when the chunks allow
+// (T=128 on 132 blocks: 2 chunks), but never an uneven last round: T=128 on an MPS share of 14 blocks (224 warps,
+// 3,584 chunks) gets 4 (4 rounds of 4 chunks), where "as few as give every warp one item" took 16 and left 32
+// warps with 2 items of 16 chunks while the rest had one.
+static int chunks_per_item(int64_t tokens, int chunks_per_token, int64_t warps) {
+  int best = 1;
+  int64_t best_cost = -1;
+  for (int per_item = 1; per_item <= chunks_per_token; ++per_item) {
+    const int64_t items = tokens * ((chunks_per_token + per_item - 1) / per_item);
+    const int64_t cost = (items + warps - 1) / warps * per_item;
+    if (best_cost < 0 || cost <= best_cost) best = per_item, best_cost = cost;
+  }
+  return best;
+}
+
 cudaError_t run_combine(const CudaGroup& g, const CombineArgs& args, cudaStream_t stream) {
   using namespace cuda;
   const Layout& l = g.group.layout;
@@ -384,7 +398,8 @@ cudaError_t run_combine(const CudaGroup& g, const CombineArgs& args, cudaStream_
   }
   // The work queue makes any grid size safe (protocol.cuh); beyond one resident wave nothing is gained.
   const int blocks = blocks_for(warps, kWarps, g.max_blocks[kOpCombine]);
-  combine_kernel<<<blocks, kThreads, combine_smem_bytes(l), stream>>>(g, args);
+  const int per_item = chunks_per_item(args.num_tokens, (l.hidden / 8 + kWarp - 1) / kWarp, int64_t{blocks} * kWarps);
+  combine_kernel<<<blocks, kThreads, combine_smem_bytes(l), stream>>>(g, args, per_item);
   return cudaGetLastError();
 }
 
