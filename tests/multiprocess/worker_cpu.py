@@ -317,9 +317,22 @@ def scenario_timeout(ctx: Ctx):
     log("timeout: new buffer ok")
 
 
+def check_masked_roundtrip(inputs, outs, got, masked, e, t, where):
+    """This process's devices' dispatch (`got`) and combine (`outs`) outputs of one round trip on `inputs` against
+    the oracle with `masked` ranks left out (their pairs dropped)."""
+    import oracle
+
+    xs, topks, weights = inputs
+    live = oracle.mask_routing(topks, masked, e)
+    want = oracle.dispatch(xs, live, e, t)
+    want_out = oracle.combine([w["recv_x"] for w in want], live, weights, want, e, t)
+    for d in got:
+        oracle.assert_dispatch_equal(got[d], want[d], where=f"{where} device {d}")
+        oracle.assert_bitwise_equal(outs[d], want_out[d], what=f"{where} combine device {d}")
+
+
 def scenario_killed(ctx: Ctx, on_timeout: str):
     import jax
-    import oracle
 
     import jax_ll_ep as ep
     from jax_ll_ep import testing
@@ -335,15 +348,6 @@ def scenario_killed(ctx: Ctx, on_timeout: str):
         xs, topks, weights = case_inputs(ctx.ranks, e, t, 128, 3, seed=5000 + i)
         out, disp = fn(*(shard(buf, a) for a in (xs, topks, weights)))
         return (xs, topks, weights), local_blocks(buf, out), local_dispatch(buf, disp)
-
-    def check(inputs, outs, got, masked, where):
-        xs, topks, weights = inputs
-        live = oracle.mask_routing(topks, masked, e)
-        want = oracle.dispatch(xs, live, e, t)
-        want_out = oracle.combine([w["recv_x"] for w in want], live, weights, want, e, t)
-        for i in got:
-            oracle.assert_dispatch_equal(got[i], want[i], where=f"{where} device {i}")
-            oracle.assert_bitwise_equal(outs[i], want_out[i], what=f"{where} combine device {i}")
 
     run(0)  # compile before anyone dies
     ctx.barrier("killed")
@@ -371,14 +375,14 @@ def scenario_killed(ctx: Ctx, on_timeout: str):
             assert elapsed <= timeout_s + 5.0, f"the call after the fault took {elapsed:.1f} s (timeout_s={timeout_s})"
             fault = (i, elapsed, type(exc).__name__)
             break
-        check(inputs, outs, got, (), f"before the fault, call {i}")
+        check_masked_roundtrip(inputs, outs, got, (), e, t, f"before the fault, call {i}")
         calls += 2
     log(f"killed: fault seen in round trip {fault[0]} after {fault[1]:.2f} s ({fault[2]}); {calls} calls before it")
     buf.mask_ranks(gone)  # with the other survivors: the dead ranks are left out, the calls line up again
     assert buf.masked_ranks == gone, buf.masked_ranks
     for j in range(after // 2):
         inputs, outs, got = run(100_000 + j)
-        check(inputs, outs, got, gone, f"after the fault, round trip {j}")
+        check_masked_roundtrip(inputs, outs, got, gone, e, t, f"after the fault, round trip {j}")
     buf.check()
     dropped = buf.dropped_pairs()
     assert all(d.total > 0 for d in dropped.values()), dropped
@@ -398,7 +402,6 @@ def scenario_killed(ctx: Ctx, on_timeout: str):
 
 def scenario_late(ctx: Ctx):
     import jax
-    import oracle
 
     import jax_ll_ep as ep
     from jax_ll_ep import testing
@@ -416,14 +419,8 @@ def scenario_late(ctx: Ctx):
         xs, topks, weights = case_inputs(ctx.ranks, e, t, 128, 3, seed=7000 + i)
         out, disp = fn(*(shard(buf, a) for a in (xs, topks, weights)))
         outs, got = local_blocks(buf, out), local_dispatch(buf, disp)
-        if masked is None:
-            return
-        live = oracle.mask_routing(topks, masked, e)
-        want = oracle.dispatch(xs, live, e, t)
-        want_out = oracle.combine([w["recv_x"] for w in want], live, weights, want, e, t)
-        for d in got:
-            oracle.assert_dispatch_equal(got[d], want[d], where=f"round trip {i} device {d}")
-            oracle.assert_bitwise_equal(outs[d], want_out[d], what=f"round trip {i} combine device {d}")
+        if masked is not None:
+            check_masked_roundtrip((xs, topks, weights), outs, got, masked, e, t, f"round trip {i}")
 
     roundtrip(0, ())
     ctx.barrier("late")
