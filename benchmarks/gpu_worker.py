@@ -457,9 +457,10 @@ LOOP_METHODS = ("cuda_loop", "jax_packed_loop")
 
 
 def loop_trace(buf) -> dict:
-    """With JAX_LL_EP_TRACE=1: the device's view of the last calls of a loop (median us over the trace's rows):
-    each op from block 0's entry (after the call state is read) to the last block's exit, and the gap from one op's
-    exit to the next op's entry (the kernel boundary, the loop's own work and the next op's entry)."""
+    """With JAX_LL_EP_TRACE=1: the device's view of the last calls of a loop (median and mean us over the trace's
+    rows): each op from block 0's entry (after the call state is read) to the last block's exit, the gap from one
+    op's exit to the next op's entry (the kernel boundary, the loop's own work and the next op's entry), and the
+    span from the first entry to the last per pair (against the host's wall clock per pair)."""
     rows, marks = _extension.cuda_module().trace_shape()
     raw, last_seq = buf.backend.trace()
     trace = np.frombuffer(raw, np.uint64).reshape(rows, marks).astype(np.int64)
@@ -473,7 +474,11 @@ def loop_trace(buf) -> dict:
         out.setdefault(f"{kind} entry -> exit", []).append((exit_ - entry) / 1e3)
         if nxt is not None:
             out.setdefault(f"{kind} exit -> {nxt[0]} entry", []).append((nxt[1] - exit_) / 1e3)
-    return {name: float(np.median(v)) for name, v in out.items()}
+    summary = {name: float(np.median(v)) for name, v in out.items()}
+    summary.update({f"{name} (mean)": float(np.mean(v)) for name, v in out.items()})
+    if len(calls) >= 3:  # every gap counted, the idle ones a median hides included
+        summary["span per pair"] = (calls[-1][1] - calls[0][1]) / 1e3 / ((len(calls) - 1) / 2)
+    return summary
 
 
 def make_buffer(m: Mesh, backend: str, experts: int, t_max: int, hidden: int) -> ep.Buffer:
