@@ -46,7 +46,11 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+with open(CONFIG) as f:
+    CFG = json.load(f)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if CFG.get("package_root"):  # run.py --package-root: another build's package first
+    sys.path.insert(0, CFG["package_root"])
 import jax_ll_ep as ep  # noqa: E402
 from jax_ll_ep import _extension  # noqa: E402
 from jax_ll_ep._jax_internals import aval, native_call  # noqa: E402
@@ -56,9 +60,6 @@ STAMP_ORDER_ID = 1 << 40  # effect id of the stamps around XLA-only baselines (n
 # JAX_LL_EP_BENCH_DRY_RUN=1: on CPU devices, with the cpu backend for "cuda" and zeros for stamps (checks the
 # programs' structure on a machine without a GPU; the numbers mean nothing).
 DRY_RUN = os.environ.get("JAX_LL_EP_BENCH_DRY_RUN", "") == "1"
-
-with open(CONFIG) as f:
-    CFG = json.load(f)
 
 
 def log(msg: str) -> None:
@@ -543,6 +544,7 @@ def main() -> None:
         "multiprocessors_reported": None if DRY_RUN else int(_extension.cuda_module().multiprocessor_count(0)),
         "mps_active_thread_percentage": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
         "jax": jax.__version__,
+        "package": os.path.dirname(os.path.abspath(ep.__file__)),  # (run.py --package-root: which build ran)
         "runs": [],
         "errors": [],
     }

@@ -37,7 +37,12 @@ Writes OUT_DIR/<card>-<date>[-label].json, the PNG plot beside it and a Markdown
 Where the time goes: with JAX_LL_EP_TRACE=1 in the environment the cuda buffers record the kernels' phase trace
 (xla_ffi/cuda/launch.h), and each cuda row of the JSON gets ``trace_us``: per op, the median time from the stamp
 before the call to block 0's entry, between block 0's phase boundaries (routing tables built, send loop left, every
-signal seen, its share of the outputs written), to the last block's exit and on to the next stamp.
+signal seen, its share of the outputs written), to the last block's exit and on to the next stamp; each
+``cuda_loop`` row gets the device's view of the loop (gpu_worker.loop_trace).
+
+Two builds on one machine (A/B: machine starts differ by more than some of the effects measured): copy the package
+with the other build's native modules to DIR/jax_ll_ep and run once with ``--package-root DIR`` and once without;
+each worker records the package it imported (``package`` in the JSON).
 """
 
 from __future__ import annotations
@@ -362,6 +367,7 @@ def gpu_suite(args) -> int:
         "loop_tokens": args.loop_tokens,
         "loop_iterations": args.loop_iterations,
         "loop_repeats": args.loop_repeats,
+        "package_root": str(Path(args.package_root).resolve()) if args.package_root else "",
     }
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="jax_ll_ep_bench_"))
     per_ranks: dict[int, list[dict]] = {}
@@ -434,6 +440,12 @@ def main() -> int:
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds for one rank count's processes")
     parser.add_argument("--no-mps", action="store_true", help="do not start the MPS daemon (it is already running)")
+    parser.add_argument(
+        "--package-root",
+        default="",
+        help="import jax_ll_ep from DIR/jax_ll_ep (e.g. a copy of the package holding the native modules of another "
+        "commit): two builds timed on one machine, one run each",
+    )
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--work-dir", default="", help="folder for the workers' logs and raw results (kept)")
     parser.add_argument("--timeout-s", type=float, default=10.0, help="the buffers' timeout_s (bounded waits)")
