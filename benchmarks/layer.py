@@ -12,15 +12,22 @@ Methods, per rank, same inputs and weights:
   einsum       dispatch, three dense einsums over the padded [E_l, R*T, H] layout, combine (what the README showed)
   ragged       (1 rank) the MaxText-style layer: sort by expert, ragged_all_to_all, jax.lax.ragged_dot, back
   exchange     dispatch and combine alone (the experts replaced by a fixed array): the exchange's share of the floor
-The floor of the layer is the expert weights read once at the device-copy bandwidth measured in the same run (for
-8 ranks: all ranks' weights, since they share one GPU's memory) plus the ``exchange`` time.
+The floor of the layer is the weights of the experts that get rows (as counted in the ``exchange`` run, whose
+routing no expert kernel can change), read once at the device-copy bandwidth measured in the same run (for 8 ranks:
+all ranks' weights, since they share one GPU's memory), plus the ``exchange`` time.
+
+Checks (a time is only compared with the floor when they pass): every timed program also returns, per layer, the
+local experts that got rows and the tokens whose output is finite (a NaN output routes all tokens of the next layers
+to the same few experts, which read a few experts' weights: a time below the floor, not a fast layer); for
+``jax_ll_ep``, one untimed call compares the first and the last local expert that get rows with
+``implementation="reference"``.
 
 Timing: one jitted program runs ``--layers`` layers one after the other (each layer's input is a fresh random input
 set plus a small share of the previous layer's normalized output, so the layers run in sequence as in a model's step
-while the routing stays that of random tokens: about 253 of the 256 experts get tokens), and ``--programs`` such
-programs are queued back to back before the host waits, so neither the host's per-call work nor clock ramps show;
-time per layer = wall time / (programs x layers), the median over ``--reps`` queues. Every rank runs the same
-sequence (the exchange keeps them in step); the table reports the slowest rank's median.
+while the routing stays that of random tokens: 248 to 254 of the 256 experts get tokens, depending on the set), and
+``--programs`` such programs are queued back to back before the host waits, so neither the host's per-call work nor
+clock ramps show; time per layer = wall time / (programs x layers), the median over ``--reps`` queues. Every rank
+runs the same sequence (the exchange keeps them in step); the table reports the slowest rank's median.
 
 Writes OUT_DIR/<card>-<date>-layer.{json,md,png}.
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import re
@@ -43,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 AXIS = "ep"
 METHODS = ("jax_ll_ep", "einsum", "ragged", "exchange")
+CHECK_TOL = 2e-2  # relative error of an expert's valid rows against the reference (bf16 outputs on both sides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,7 +146,7 @@ def worker(rank: int, ranks: int, port: int, cfg: dict, out_path: Path) -> None:
         h = silu_mul(jnp.einsum("emh,ehf->emf", recv_x, wg), jnp.einsum("emh,ehf->emf", recv_x, wu))
         return jnp.einsum("emf,efh->emh", h, wd).astype(jnp.bfloat16)
 
-    def ragged_layer(x, router, wg, wu, wd):
+    def ragged_layer(x, router, wg, wu, wd):  # returns the output and the rows per expert
         idx, w = route(x, router)
         flat = idx.reshape(-1)
         order = jnp.argsort(flat, stable=True)
@@ -157,10 +166,10 @@ def worker(rank: int, ranks: int, port: int, cfg: dict, out_path: Path) -> None:
         out = a2a(dot(silu_mul(dot(rows_in, wg), dot(rows_in, wu)), wd))
         inv = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))
         back = out[inv].reshape(T, K, H).astype(jnp.float32)
-        return jnp.einsum("tk,tkh->th", w, back).astype(jnp.bfloat16)
+        return jnp.einsum("tk,tkh->th", w, back).astype(jnp.bfloat16), group_sizes
 
     def make_layers(buf, method, fp8, w_layout):
-        def layer(x, router, y_fix, wg, wu, wd, *bf16_weights):
+        def layer(x, router, y_fix, wg, wu, wd, *bf16_weights):  # returns the output and the rows per local expert
             if method == "ragged":
                 return ragged_layer(x, router, *bf16_weights)
             idx, w = route(x, router)
@@ -171,21 +180,60 @@ def worker(rank: int, ranks: int, port: int, cfg: dict, out_path: Path) -> None:
                 y = einsum_experts(recv_x, *bf16_weights)
             else:  # exchange alone
                 y = y_fix
-            return ep.combine(buf, y, idx, w, handle)
+            return ep.combine(buf, y, idx, w, handle), count
 
         def layers(xs, *args):
             # Layer l reads input set l plus a small share of layer l-1's normalized output: each layer waits for
             # the previous one, as in a model, while the routing stays that of fresh random tokens (a chain of
             # normalized outputs alone drifts towards a few experts and would leave most weights unread).
-            x = xs[0]
+            # The program also returns, per layer, the local experts that got rows and the tokens whose output is
+            # finite: a NaN output routes every token of the next layers to the same few experts, which then read
+            # a few experts' weights instead of all of them (a time below the floor, not a fast layer).
+            x, stats = xs[0], []
             for layer_index in range(cfg["layers"]):
-                out = layer(x, *args).astype(jnp.float32)
+                out, count = layer(x, *args)
+                out = out.astype(jnp.float32)
+                finite = jnp.sum(jnp.all(jnp.isfinite(out), axis=-1))
+                stats.append(jnp.stack([jnp.sum(count > 0), finite]).astype(jnp.int32))
                 out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + 1e-6)
                 x = (xs[(layer_index + 1) % len(xs)].astype(jnp.float32) + out / 64).astype(jnp.bfloat16)
-            return x
+            return x, jnp.stack(stats)[None]
 
         spec = P(AXIS)
-        return jax.jit(jax.shard_map(layers, mesh=mesh, in_specs=(spec,) * 9, out_specs=spec))
+        return jax.jit(jax.shard_map(layers, mesh=mesh, in_specs=(spec,) * 9, out_specs=(spec, spec)))
+
+    def make_expert_check(buf, fp8, w_layout):
+        """The experts of the first layer (the timed program's kernels) against ``implementation="reference"`` on
+        the first and the last local expert that get rows: the relative error of each (the last expert's weights
+        lie farthest into the weight arrays, where an addressing overflow shows)."""
+
+        def check(xs, router, wg, wu, wd):
+            x = xs[0]
+            idx, _ = route(x, router)
+            recv_x, count, _ = ep.dispatch(buf, x, idx, fp8=fp8)
+            y = ep.swiglu_mlp(recv_x, count, wg, wu, wd, w_layout=w_layout)
+            has_rows = count > 0
+            errors = []
+            for e in (jnp.argmax(has_rows), e_local - 1 - jnp.argmax(has_rows[::-1])):
+                one = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=e, slice_size=1)
+                want = ep.swiglu_mlp(
+                    jax.tree.map(one, recv_x),
+                    one(count),
+                    *(jax.tree.map(one, w) for w in (wg, wu, wd)),
+                    w_layout=w_layout,
+                    implementation="reference",
+                )[0].astype(jnp.float32)
+                valid = (jnp.arange(rows) < count[e])[:, None]
+                got = jnp.where(valid, one(y)[0].astype(jnp.float32), 0.0)
+                err = jnp.linalg.norm(got - jnp.where(valid, want, 0.0)) / jnp.linalg.norm(jnp.where(valid, want, 0.0))
+                errors.append(jnp.stack([e.astype(jnp.float32), err]))
+            return jnp.stack(errors)[None]
+
+        spec = P(AXIS)
+        return jax.jit(jax.shard_map(check, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec))
+
+    def local(array):  # this process's shard of a per-rank result
+        return np.asarray(array.addressable_shards[0].data)[0]
 
     with ep.Buffer(mesh, AXIS, num_experts=E, max_tokens_per_rank=T, hidden=H, backend=cfg["backend"]) as buf:
         for variant in variants:
@@ -206,10 +254,30 @@ def worker(rank: int, ranks: int, port: int, cfg: dict, out_path: Path) -> None:
                         outs = [fn(xs, *args) for _ in range(programs)]
                         jax.block_until_ready(outs)
                         times.append((time.perf_counter() - t0) / (programs * cfg["layers"]) * 1e6)
+                        stats = local(outs[-1][1])  # [layers, 2]: local experts with rows, finite tokens
                         del outs
                     buf.check()
                     entry.update(us=statistics.median(times), us_all=times)
-                    print(f"rank {rank}: {variant} {method}: {entry['us']:.1f} us", flush=True)
+                    entry.update(experts_with_rows=stats[:, 0].tolist(), finite_tokens=stats[:, 1].tolist())
+                    bad = [i for i, f in enumerate(stats[:, 1]) if f < T]
+                    problems = (
+                        [f"output not finite in layers {bad} ({T - min(stats[:, 1])} of {T} tokens)"] if bad else []
+                    )
+                    if method == "jax_ll_ep":
+                        errs = local(make_expert_check(buf, fp8, w_layout)(xs, router_w, *ws))
+                        entry["expert_check"] = [{"expert": int(e), "rel_err": float(err)} for e, err in errs]
+                        problems += [
+                            f"expert {int(e)}: relative error {err:.2g} against the reference"
+                            for e, err in errs
+                            if not err <= CHECK_TOL  # NaN fails too
+                        ]
+                    if problems:
+                        entry["invalid"] = "; ".join(problems)
+                    print(
+                        f"rank {rank}: {variant} {method}: {entry['us']:.1f} us; experts with rows per layer "
+                        f"{entry['experts_with_rows']}{'; INVALID: ' + entry['invalid'] if problems else ''}",
+                        flush=True,
+                    )
                 except Exception as err:  # noqa: BLE001 - a failing method is a result; the others still run
                     entry["error"] = f"{type(err).__name__}: {str(err)[:1500]}"
                     print(f"rank {rank}: {variant} {method}: FAILED {entry['error'][:300]}", flush=True)
@@ -222,8 +290,10 @@ def worker(rank: int, ranks: int, port: int, cfg: dict, out_path: Path) -> None:
 
 
 def copy_bandwidth(jax, jnp) -> float:
-    """Device copy bandwidth in bytes/s (read + write counted): copies of 1 GiB of float32 queued back to back."""
-    arrays = [jnp.full((256 * 1024 * 1024,), i, jnp.float32) for i in range(2)]
+    """Device copy bandwidth in bytes/s (read + write counted): copies of 1 GiB of float32 queued back to back (64 MiB
+    on a CPU dry run, whose host memory would not hold the 10 queued copies)."""
+    size = 16 if jax.devices()[0].platform == "cpu" else 256
+    arrays = [jnp.full((size * 1024 * 1024,), i, jnp.float32) for i in range(2)]
     f = jax.jit(lambda xs: [a + 1 for a in xs])
     for _ in range(3):
         jax.block_until_ready(f(arrays))
@@ -275,23 +345,32 @@ def run_ranks(ranks: int, cfg: dict, work: Path, timeout_s: float) -> list[dict]
     return results
 
 
-def summarize(all_results: dict[int, list[dict]]) -> tuple[list[dict], dict]:
+def summarize(all_results: dict[int, list[dict]], experts: int) -> tuple[list[dict], dict]:
     rows = []
     bw = next((r[0].get("copy_GBps") for r in all_results.values() if r and r[0].get("copy_GBps")), None)
     for ranks, results in sorted(all_results.items()):
         per_key: dict[tuple, list[float]] = {}
         errors: dict[tuple, str] = {}
+        invalid: dict[tuple, str] = {}
+        active: dict[tuple, float] = {}  # experts with rows, summed over ranks, mean over layers
         for res in results:
             for run in res.get("runs", []):
                 key = (run["variant"], run["method"])
                 if "us" in run:
                     per_key.setdefault(key, []).append(run["us"])
+                    with_rows = run.get("experts_with_rows") or [0]
+                    active[key] = active.get(key, 0.0) + sum(with_rows) / len(with_rows)
                 else:
                     errors[key] = run.get("error", "")
+                if run.get("invalid"):
+                    invalid.setdefault(key, f"rank {res['rank']}: {run['invalid']}")
         w_bytes = results[0].get("weights_bytes", {}) if results else {}
         for variant in ("bf16", "fp8"):
             exch = per_key.get((variant, "exchange"))
-            weights_us = w_bytes.get(variant, 0) * ranks / (bw * 1e9) * 1e6 if bw else None
+            # The weights the layers must read: those of the experts that get rows. The exchange alone has the
+            # routing of the same random inputs, and no expert kernel that could change it.
+            share = active.get((variant, "exchange"), experts) / experts  # of all E experts
+            weights_us = w_bytes.get(variant, 0) * ranks * share / (bw * 1e9) * 1e6 if bw else None
             floor = max(exch) + weights_us if exch and weights_us else None
             for method in METHODS:
                 key = (variant, method)
@@ -300,7 +379,10 @@ def summarize(all_results: dict[int, list[dict]]) -> tuple[list[dict], dict]:
                 row = {"ranks": ranks, "variant": variant, "method": method}
                 if key in per_key:
                     row["us"] = round(max(per_key[key]), 1)  # the slowest rank
-                    if floor:
+                    row["experts_with_rows"] = round(active[key] / ranks, 1)  # per rank, mean over layers
+                    if key in invalid:
+                        row["invalid"] = invalid[key][:300]
+                    elif floor:
                         row["x_floor"] = round(row["us"] / floor, 2)
                 else:
                     row["error"] = errors[key][:300]
@@ -314,17 +396,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Decode MoE layer, {meta['device']}, {meta['date']}: T={meta['tokens']} tokens per rank, "
         f"H={meta['hidden']}, F={meta['ffn']}, top-{meta['topk']} of E={meta['experts']}; device copy "
-        f"{meta['copy_GBps']:.0f} GB/s. Floor = expert weights read once (all ranks' weights: they "
-        "share one GPU) + the exchange alone.",
+        f"{meta['copy_GBps']:.0f} GB/s. Floor = the weights of the experts that get rows, read once (all ranks' "
+        "weights: they share one GPU) + the exchange alone. Experts with rows: per rank, mean over the layers. "
+        "Invalid: a layer output was not finite or the experts disagreed with the reference (the time is shown, "
+        "not compared).",
         "",
-        "| ranks | variant | method | layer µs | × floor | floor µs (weights + exchange) |",
-        "|---:|---|---|---:|---:|---:|",
+        "| ranks | variant | method | layer µs | × floor | experts with rows | floor µs (weights + exchange) |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         us = f"{r['us']:.1f}" if "us" in r else f"failed: {r.get('error', '')[:60]}"
-        xf = f"{r['x_floor']:.2f}" if r.get("x_floor") else ""
+        xf = f"{r['x_floor']:.2f}" if r.get("x_floor") else (f"invalid: {r['invalid'][:100]}" if "invalid" in r else "")
         fl = f"{r['floor_us']:.1f} ({r['weights_us']:.1f} + exch.)" if r.get("floor_us") else ""
-        lines.append(f"| {r['ranks']} | {r['variant']} | {r['method']} | {us} | {xf} | {fl} |")
+        active = f"{r['experts_with_rows']:.1f}" if "experts_with_rows" in r else ""
+        lines.append(f"| {r['ranks']} | {r['variant']} | {r['method']} | {us} | {xf} | {active} | {fl} |")
     return "\n".join(lines) + "\n"
 
 
@@ -408,7 +493,7 @@ def main() -> None:
     cfg = {k: getattr(args, k) for k in keys}
     work_root = Path(args.work_dir or (ROOT / "build" / "layer-bench"))
     all_results = {r: run_ranks(r, cfg, work_root / f"ranks{r}", args.timeout) for r in args.ranks}
-    rows, meta = summarize(all_results)
+    rows, meta = summarize(all_results, cfg["experts"])
     device = next((res[0].get("device") for res in all_results.values() if res and res[0].get("device")), "unknown")
     meta.update(device=device, date=datetime.date.today().isoformat(), **{k: cfg[k] for k in keys[7:]})
     meta["copy_GBps"] = meta["copy_GBps"] or 0.0
