@@ -213,6 +213,29 @@ def _check_shapes(x, xs, xf: _Format, w_name: str, w, ws, wf: _Format, counts, w
     return n
 
 
+# The Pallas Triton lowering (jax 0.11) addresses an array through 32-bit signed element offsets whenever the array
+# holds at most 2^32 bytes, so a one-byte (fp8) array of more than 2^31 elements (and at most 2^32) wraps and the
+# kernel reads memory before it (fp8 weights of more than 146 DeepSeek-V3 experts in one array). Wider dtypes and
+# larger arrays are addressed correctly. Refused at trace time on every platform, so a program that passes on a CPU
+# does not compute garbage on a GPU.
+_WRAPPING_ELEMENTS = (2**31, 2**32)
+
+
+def _check_addressable(implementation: str, operands) -> None:
+    if implementation == "reference":
+        return
+    for name, data in operands:
+        if jnp.dtype(data.dtype).itemsize == 1 and _WRAPPING_ELEMENTS[0] < data.size <= _WRAPPING_ELEMENTS[1]:
+            per_expert = data.size // data.shape[0]
+            raise ValueError(
+                f"{name} holds {data.size:,} one-byte (fp8) elements, {tuple(data.shape)}; the grouped-matmul kernel "
+                f"(Pallas lowered through Triton, jax {jax.__version__}) addresses one-byte arrays of 2^31 to 2^32 "
+                f"elements with 32-bit signed offsets and would read the wrong memory. Pass at most "
+                f"{_WRAPPING_ELEMENTS[0] // per_expert} experts of this shape per call (split the expert axis into "
+                "separate arrays and call once per group), or implementation='reference'."
+            )
+
+
 def _check_options(implementation, out_dtype, config, w_layout) -> None:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
@@ -527,6 +550,7 @@ def _apply(x, weights, counts, *, names, gated, out_dtype, w_layout, config, imp
         wf = fmt
         n = _check_shapes(xd, xs, xf, name, wd, wsc, wf, counts, w_nk)
         ws_list.append((wd, wsc))
+    _check_addressable(implementation, [("x", xd)] + [(name, d) for name, (d, _) in zip(names, ws_list, strict=True)])
     spec = _Spec(xf=xf, wf=wf, gated=gated, w_nk=w_nk, out_dtype=jnp.dtype(out_dtype))
     _resolve_config(config, spec, *xd.shape, n)  # the tiles' errors at trace time, before the per-platform split
     if not (xf.fp8 or wf.fp8):
@@ -570,6 +594,10 @@ def grouped_matmul(
 
     Works under ``jax.jit``, ``jax.shard_map`` and ``lax.scan``; ``jax.grad`` to ``x`` and ``w`` for bfloat16
     operands (fp8 operands raise ``NotImplementedError`` if differentiated).
+
+    Limit: the kernel (``"auto"``, ``"pallas"``) refuses an fp8 ``x`` or ``w`` of more than 2^31 elements and at
+    most 2^32 (e.g. fp8 weights of more than 146 DeepSeek-V3 experts in one array) with a ``ValueError``: jax's
+    Triton lowering addresses such arrays with wrapping 32-bit offsets. Split the expert axis across calls.
     """
     return _apply(
         x,

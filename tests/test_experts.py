@@ -346,3 +346,25 @@ def test_backward_lowers_for_hopper():
     )
     text = _lower_for_hopper(jax.grad(loss, argnums=(0, 1, 2, 3)), *args)
     assert text.count("__gpu$xla.gpu.triton") >= 8, "forward, recomputed products, dx and dw kernels"
+
+
+@pytest.mark.parametrize("implementation", ["auto", "pallas"])
+def test_one_byte_operands_that_the_kernel_would_misaddress_are_refused(implementation):
+    """fp8 weights of 2^31 to 2^32 elements (256 DeepSeek-V3 experts in one array) would be read through wrapped
+    32-bit offsets by the Triton lowering: refused at trace time, naming the operand and how many experts fit; 146
+    experts, the reference path, and bf16 weights of the same shape are accepted (shapes only: nothing allocated)."""
+    s = jax.ShapeDtypeStruct
+    h, f, m = 7168, 2048, 8
+
+    def fp8_weight(e):
+        return ep.Fp8Array(s((e, f, h), jnp.float8_e4m3fn), s((e, f // 128, h // 128), jnp.float32))
+
+    def out_shape(e, w, impl):
+        fn = functools.partial(ep.grouped_matmul, w_layout="nk", implementation=impl)
+        return jax.eval_shape(fn, s((e, m, h), jnp.bfloat16), w, s((e,), jnp.int32))
+
+    with pytest.raises(ValueError, match=r"w holds 3,758,096,384 one-byte \(fp8\) elements.*at most 146 experts"):
+        out_shape(256, fp8_weight(256), implementation)
+    assert out_shape(146, fp8_weight(146), implementation).shape == (146, m, f)
+    assert out_shape(256, fp8_weight(256), "reference").shape == (256, m, f)
+    assert out_shape(256, s((256, f, h), jnp.bfloat16), implementation).shape == (256, m, f)
