@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from .._extension import cpu_module, region_bytes
 from .._jax_internals import distributed_client, settle_order_token
 from ..config import BufferConfig
-from .native import NativeBackend, device_groups, exception
+from .native import NativeBackend, barrier_among, device_groups, exception
 
 log = logging.getLogger("jax_ll_ep")
 
@@ -80,8 +80,7 @@ class CpuBackend(NativeBackend):
 
     def _barrier(self, client, what: str, processes: list[int] | None = None) -> None:
         processes = self._processes if processes is None else processes
-        everyone = processes == list(range(jax.process_count()))
-        client.wait_at_barrier(self._key(what), _BOOTSTRAP_TIMEOUT_MS, None if everyone else processes)
+        barrier_among(client, self._key(what), processes, _BOOTSTRAP_TIMEOUT_MS)
 
     def _create_shared(self, create: dict) -> None:
         client = distributed_client()

@@ -43,7 +43,7 @@ from jax.sharding import Mesh
 from .._extension import cuda_module, region_bytes
 from .._jax_internals import distributed_client, settle_order_token
 from ..config import BufferConfig, CudaOptions
-from .native import NativeBackend, device_groups, exception
+from .native import NativeBackend, barrier_among, device_groups, exception
 
 log = logging.getLogger("jax_ll_ep")
 
@@ -229,8 +229,7 @@ class CudaBackend(NativeBackend):
             live = self.live_processes()  # (every process, unless mask_ranks left one out: not waited for)
             if jax.process_index() not in live:
                 return
-            everyone = live == list(range(jax.process_count()))
-            distributed_client().wait_at_barrier(self._key(what), _BOOTSTRAP_TIMEOUT_MS, None if everyone else live)
+            barrier_among(distributed_client(), self._key(what), live, _BOOTSTRAP_TIMEOUT_MS)
 
     def _process_left_out(self) -> bool:
         return self.transport == "nvshmem" and self.live_processes() != list(range(jax.process_count()))

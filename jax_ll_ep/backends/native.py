@@ -67,6 +67,13 @@ def exception(backend: str, records: list[dict]) -> JaxLlEpError:
     return JaxLlEpError(message)
 
 
+def barrier_among(client, key: str, processes: list[int], timeout_ms: int) -> None:
+    """jax.distributed's barrier `key` over `processes` (every process of the job: the plain barrier; fewer once
+    mask_ranks has left a process out, which may be gone)."""
+    everyone = processes == list(range(jax.process_count()))
+    client.wait_at_barrier(key, timeout_ms, None if everyone else processes)
+
+
 class NativeBackend:
     """The ops of a native backend. A subclass sets ``name``, owns the memory the handle names, and reads and sets
     its ranks' mask state (``_mask_states``, ``_set_mask``)."""

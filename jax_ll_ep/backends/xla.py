@@ -285,10 +285,13 @@ class XlaBackend:
         """topk_idx with every id routed to a masked rank's experts, and every id of a masked rank, set to -1."""
         if not self._masked:
             return topk_idx
-        masked = jnp.asarray(self._masked, jnp.int32)
         owner = jnp.where(topk_idx >= 0, topk_idx // self.config.num_local_experts, -1)
-        dropped = jnp.isin(owner, masked) | jnp.isin(jax.lax.axis_index(self.config.axis_name), masked)
+        dropped = jnp.isin(owner, jnp.asarray(self._masked, jnp.int32)) | self._self_masked()
         return jnp.where(dropped, -1, topk_idx)
+
+    def _self_masked(self):
+        """(traced, inside shard_map) whether the calling rank is masked."""
+        return jnp.isin(jax.lax.axis_index(self.config.axis_name), jnp.asarray(self._masked, jnp.int32))
 
     # ---- lifecycle ----
     def check(self) -> None:
@@ -336,8 +339,7 @@ class XlaBackend:
 
     def _report(self, topk_idx) -> None:
         if self._masked:  # a masked rank's own ids are not read (as on the native backends)
-            me_masked = jnp.isin(jax.lax.axis_index(self.config.axis_name), jnp.asarray(self._masked, jnp.int32))
-            topk_idx = jnp.where(me_masked, -1, topk_idx)
+            topk_idx = jnp.where(self._self_masked(), -1, topk_idx)
         _report_routing_errors(topk_idx, self.config.num_experts, self._place(), self._on_routing_error)
 
     def dispatch(self, x, topk_idx, fp8: Fp8Options | None):
