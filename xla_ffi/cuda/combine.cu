@@ -200,17 +200,7 @@ __device__ void recv_half(const CudaGroup& g, const CombineArgs& a, const uint32
               static_cast<unsigned long long>(*reinterpret_cast<volatile uint32_t*>(&state->dropped_last)));
   }
   if (threadIdx.x < kWarp) {
-    const WaitContext w{state,
-                        g.error_flag,
-                        l.missing(local),
-                        seq,
-                        OpKind::kCombine,
-                        timeout_deadline(g.group.timeout_s),
-                        l.max_tokens,
-                        num_ranks,
-                        num_ranks > 1,
-                        ranks_masked,
-                        g.group.on_timeout_mask ? l.rank_mask(local, 1 + parity) : nullptr};
+    const WaitContext w = wait_context(g, OpKind::kCombine, seq, ranks_masked);
     warp_wait_signals(w, num_pairs, l.combine_signal(local, parity, 0, 0), l.dispatch_signal(local, parity, 0, 0),
                       direct ? rank : -1, s.count);
   }

@@ -417,17 +417,7 @@ __device__ void recv_half(const CudaGroup& g, const DispatchArgs& a, const uint3
   const int parity = parity_of(seq);
   const int64_t rows = l.recv_rows();
   if (threadIdx.x < kWarp) {
-    const WaitContext w{l.state(local),
-                        g.error_flag,
-                        l.missing(local),
-                        seq,
-                        OpKind::kDispatch,
-                        timeout_deadline(g.group.timeout_s),
-                        l.max_tokens,
-                        num_ranks,
-                        num_ranks > 1,
-                        ranks_masked,
-                        g.group.on_timeout_mask ? l.rank_mask(local, 1 + parity) : nullptr};
+    const WaitContext w = wait_context(g, OpKind::kDispatch, seq, ranks_masked);
     warp_wait_signals(w, num_pairs, l.dispatch_signal(local, parity, 0, 0), l.combine_signal(local, parity, 0, 0),
                       direct ? rank : -1, count);
   }

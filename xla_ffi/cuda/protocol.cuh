@@ -287,6 +287,10 @@ __device__ __forceinline__ void trace_mark(const CudaGroup& g, uint64_t seq, OpK
 // ---------------------------------------------------------------------------------------------------------------
 // Waiting for the signals of call `seq`, bounded by the deadline.
 // ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint64_t timeout_deadline(double timeout_s) {
+  return global_timer_ns() + static_cast<uint64_t>(timeout_s * 1e9);
+}
+
 struct WaitContext {
   RankState* state;
   uint32_t* error_flag;
@@ -301,6 +305,24 @@ struct WaitContext {
   uint32_t* late_mask;   // on_timeout="mask": rank_mask[1 + parity of this call], where a timeout masks the rank
                          // from the next launch on (null: on_timeout="raise")
 };
+
+// The wait of call `seq` of `kind` on this rank's region, its deadline starting now.
+__device__ __forceinline__ WaitContext wait_context(const CudaGroup& g, OpKind kind, uint64_t seq,
+                                                    const uint32_t* ranks_masked) {
+  const Layout& l = g.group.layout;
+  uint8_t* local = g.local_region;
+  return WaitContext{l.state(local),
+                     g.error_flag,
+                     l.missing(local),
+                     seq,
+                     kind,
+                     timeout_deadline(g.group.timeout_s),
+                     l.max_tokens,
+                     l.num_ranks,
+                     l.num_ranks > 1,
+                     ranks_masked,
+                     g.group.on_timeout_mask ? l.rank_mask(local, 1 + parity_of(seq)) : nullptr};
+}
 
 // One warp waits for pairs 0..n-1: lane l polls pairs l, l + 32, ..., kPollBatch of them per round with every load
 // in flight, so a round costs one memory round trip whatever n is; the other warps of the block wait at a barrier
@@ -669,10 +691,6 @@ inline cudaError_t prepare_kernel(Kernel kernel, int threads, int max_dynamic_sm
 inline int blocks_for(int64_t warps_of_work, int warps_per_block, int max_blocks) {
   const int64_t b = (warps_of_work + warps_per_block - 1) / warps_per_block;
   return static_cast<int>(b < 1 ? 1 : (b > max_blocks ? max_blocks : b));
-}
-
-__device__ __forceinline__ uint64_t timeout_deadline(double timeout_s) {
-  return global_timer_ns() + static_cast<uint64_t>(timeout_s * 1e9);
 }
 
 }  // namespace cuda

@@ -14,6 +14,16 @@ void check_cuda(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("jax_ll_ep: ") + what + ": " + cudaGetErrorString(e));
 }
 
+// The rank's RankState once the device is idle (every call enqueued on it has finished: it is then stable).
+RankState read_state(const BufferEntry& b, const char* why) {
+  check_cuda(cudaSetDevice(b.device), "cudaSetDevice");
+  check_cuda(cudaDeviceSynchronize(), why);
+  RankState s;
+  check_cuda(cudaMemcpy(&s, b.layout().state(b.kernel_args.local_region), sizeof(s), cudaMemcpyDeviceToHost),
+             "read RankState");
+  return s;
+}
+
 // Frees what `b` holds (the parts that were allocated); errors are ignored: this runs on teardown paths.
 void release(BufferEntry& b) {
   cudaSetDevice(b.device);
@@ -160,10 +170,7 @@ std::optional<ErrorRecord> Registry::take_error(int64_t handle, int device) {
   std::shared_ptr<BufferEntry> b = entry(handle, device);
   const Layout& l = b->layout();
   uint8_t* region = b->kernel_args.local_region;
-  check_cuda(cudaSetDevice(b->device), "cudaSetDevice");
-  check_cuda(cudaDeviceSynchronize(), "synchronize before reading the error record");
-  RankState s;
-  check_cuda(cudaMemcpy(&s, l.state(region), sizeof(s), cudaMemcpyDeviceToHost), "read RankState");
+  RankState s = read_state(*b, "synchronize before reading the error record");
   if (s.error_code == 0) return std::nullopt;
   std::vector<uint8_t> missing(static_cast<size_t>(l.num_experts()));
   check_cuda(cudaMemcpy(missing.data(), l.missing(region), missing.size(), cudaMemcpyDeviceToHost),
@@ -171,8 +178,7 @@ std::optional<ErrorRecord> Registry::take_error(int64_t handle, int device) {
   const ErrorRecord record = read_record(s, missing.data(), l, b->group, b->rank);
   // Clear the record, the missing table and the host flag (the call state and RankState::unusable stay), on a fresh
   // read of the state.
-  check_cuda(cudaDeviceSynchronize(), "synchronize before clearing the error record");
-  check_cuda(cudaMemcpy(&s, l.state(region), sizeof(s), cudaMemcpyDeviceToHost), "read RankState");
+  s = read_state(*b, "synchronize before clearing the error record");
   s.error_code = 0;
   s.error_kind = 0;
   s.error_seq = 0;
@@ -190,23 +196,14 @@ std::optional<ErrorRecord> Registry::take_error(int64_t handle, int device) {
 }
 
 uint64_t Registry::sequence_number(int64_t handle, int device) {
-  std::shared_ptr<BufferEntry> b = entry(handle, device);
-  check_cuda(cudaSetDevice(b->device), "cudaSetDevice");
-  check_cuda(cudaDeviceSynchronize(), "synchronize before reading the call state");
-  RankState s;
-  check_cuda(cudaMemcpy(&s, b->layout().state(b->kernel_args.local_region), sizeof(s), cudaMemcpyDeviceToHost),
-             "read RankState");
-  return s.seq;
+  return read_state(*entry(handle, device), "synchronize before reading the call state").seq;
 }
 
 Registry::MaskState Registry::mask_state(int64_t handle, int device) {
   std::shared_ptr<BufferEntry> b = entry(handle, device);
   const Layout& l = b->layout();
   uint8_t* region = b->kernel_args.local_region;
-  check_cuda(cudaSetDevice(b->device), "cudaSetDevice");
-  check_cuda(cudaDeviceSynchronize(), "synchronize before reading the mask");
-  RankState s;
-  check_cuda(cudaMemcpy(&s, l.state(region), sizeof(s), cudaMemcpyDeviceToHost), "read RankState");
+  const RankState s = read_state(*b, "synchronize before reading the mask");
   std::vector<uint32_t> sets(3 * static_cast<size_t>(l.mask_words()));
   check_cuda(cudaMemcpy(sets.data(), l.rank_mask(region), 4 * sets.size(), cudaMemcpyDeviceToHost), "read the mask");
   MaskState m{{}, s.dropped_last, s.dropped_total, s.seq, s.open_seq};
@@ -229,10 +226,7 @@ void Registry::set_mask(int64_t handle, int device, const std::vector<int32_t>& 
     sets[r >> 5] |= 1u << (r & 31);
     ++count;
   }
-  check_cuda(cudaSetDevice(b->device), "cudaSetDevice");
-  check_cuda(cudaDeviceSynchronize(), "synchronize before setting the mask");
-  RankState s;
-  check_cuda(cudaMemcpy(&s, l.state(region), sizeof(s), cudaMemcpyDeviceToHost), "read RankState");
+  RankState s = read_state(*b, "synchronize before setting the mask");
   if (s.open_seq != 0) throw std::invalid_argument("jax_ll_ep: set_mask: a split call is open");
   s.masked_count = count;
   s.pending_count[0] = s.pending_count[1] = 0;
