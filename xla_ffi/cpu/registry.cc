@@ -253,22 +253,8 @@ std::string Registry::set_mask(int64_t handle, const std::vector<int32_t>& ranks
   }
   for (const DeviceRank& where : local) {
     uint8_t* region = entry->region(where.group, where.rank);
-    RankState* st = layout.state(region);
-    for (int which = 0; which < 3; ++which) {
-      memset(layout.rank_mask(region, which), 0, 4 * static_cast<size_t>(layout.mask_words()));
-    }
-    uint32_t* mask = layout.rank_mask(region);
-    uint32_t count = 0;
-    for (int32_t r : ranks) {
-      if (rank_in(mask, r)) continue;
-      mask[r >> 5] |= 1u << (r & 31);
-      ++count;
-    }
-    st->masked_count = count;
-    st->pending_count[0] = st->pending_count[1] = 0;
-    st->dropped_last = 0;
-    st->unusable = 0;
-    st->seq = seq;
+    apply_rank_mask(layout, *layout.state(region), layout.rank_mask(region), ranks.data(),
+                    static_cast<int64_t>(ranks.size()), seq);
   }
   return "";
 }

@@ -218,21 +218,13 @@ void Registry::set_mask(int64_t handle, int device, const std::vector<int32_t>& 
   std::shared_ptr<BufferEntry> b = entry(handle, device);
   const Layout& l = b->layout();
   uint8_t* region = b->kernel_args.local_region;
-  std::vector<uint32_t> sets(3 * static_cast<size_t>(l.mask_words()), 0u);
-  uint32_t count = 0;
   for (int32_t r : ranks) {
     if (r < 0 || r >= l.num_ranks) throw std::invalid_argument("jax_ll_ep: set_mask: rank out of range");
-    if (rank_in(sets.data(), r)) continue;
-    sets[r >> 5] |= 1u << (r & 31);
-    ++count;
   }
   RankState s = read_state(*b, "synchronize before setting the mask");
   if (s.open_seq != 0) throw std::invalid_argument("jax_ll_ep: set_mask: a split call is open");
-  s.masked_count = count;
-  s.pending_count[0] = s.pending_count[1] = 0;
-  s.dropped_last = 0;
-  s.unusable = 0;
-  s.seq = seq;
+  std::vector<uint32_t> sets(3 * static_cast<size_t>(l.mask_words()));
+  apply_rank_mask(l, s, sets.data(), ranks.data(), static_cast<int64_t>(ranks.size()), seq);
   check_cuda(cudaMemcpy(l.rank_mask(region), sets.data(), 4 * sets.size(), cudaMemcpyHostToDevice), "write the mask");
   check_cuda(cudaMemcpy(l.state(region), &s, sizeof(s), cudaMemcpyHostToDevice), "write RankState");
   // The next call claims its send items from the work queue of its own parity, which only the previous call's last

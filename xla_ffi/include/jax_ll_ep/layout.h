@@ -261,4 +261,25 @@ JLE_HD Layout make_layout(int32_t num_ranks, int32_t num_experts, int32_t max_to
   return l;
 }
 
+// buf.mask_ranks on one rank, between calls (both backends): `sets`, the rank's rank_mask words ([3][mask_words]),
+// become `ranks` (the mask in force) and two empty sets (no timed-out ranks pending); the call sequence continues
+// from `seq`; the sticky refusal and the last call's dropped pairs are cleared. The caller has checked that every
+// rank lies in [0, R).
+inline void apply_rank_mask(const Layout& l, RankState& s, uint32_t* sets, const int32_t* ranks, int64_t num_ranks,
+                            uint64_t seq) {
+  for (int32_t w = 0; w < 3 * l.mask_words(); ++w) sets[w] = 0u;
+  uint32_t count = 0;
+  for (int64_t i = 0; i < num_ranks; ++i) {
+    const int32_t r = ranks[i];
+    if (rank_in(sets, r)) continue;
+    sets[r >> 5] |= 1u << (r & 31);
+    ++count;
+  }
+  s.masked_count = count;
+  s.pending_count[0] = s.pending_count[1] = 0;
+  s.dropped_last = 0;
+  s.unusable = 0;
+  s.seq = seq;
+}
+
 }  // namespace jax_ll_ep
