@@ -338,7 +338,8 @@ def loop_program(m: Mesh, pair, iters: int):
     values stay bounded)."""
 
     def body(x, t, w):
-        return jax.lax.fori_loop(0, iters, lambda _, xc: pair(xc, t, w), x)
+        # run.py --loop-unroll: one straight program of `iters` pairs, no loop counter (what the loop machinery costs)
+        return jax.lax.fori_loop(0, iters, lambda _, xc: pair(xc, t, w), x, unroll=bool(CFG.get("loop_unroll")))
 
     return jax.jit(jax.shard_map(body, mesh=m, in_specs=(P(AXIS),) * 3, out_specs=P(AXIS)))
 
@@ -351,7 +352,7 @@ def measure_loop(fn, args, *, iters: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         samples.append((time.perf_counter() - t0) * 1e9 / iters)
-    return {"pair_ns": samples, "iterations": iters}
+    return {"pair_ns": samples, "iterations": iters, "unrolled": bool(CFG.get("loop_unroll"))}
 
 
 def overhead_program(m: Mesh, order_id: int, count: int, native: bool):
@@ -545,6 +546,7 @@ def main() -> None:
         "mps_active_thread_percentage": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
         "jax": jax.__version__,
         "package": os.path.dirname(os.path.abspath(ep.__file__)),  # (run.py --package-root: which build ran)
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "runs": [],
         "errors": [],
     }

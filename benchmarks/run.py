@@ -183,6 +183,7 @@ def aggregate(per_ranks: dict[int, list[dict]], args, copy_gbps: float) -> list[
             if method in LOOP_METHODS:
                 row["pair_us"] = stats_us([s for _, run in runs for s in run.get("pair_ns", [])], 0.0)
                 row["loop_iterations"] = next((run["iterations"] for _, run in runs if "iterations" in run), None)
+                row["loop_unrolled"] = any(run.get("unrolled") for _, run in runs)
                 rows.append(row)
                 continue
             for op in ("dispatch", "combine"):
@@ -367,6 +368,7 @@ def gpu_suite(args) -> int:
         "loop_tokens": args.loop_tokens,
         "loop_iterations": args.loop_iterations,
         "loop_repeats": args.loop_repeats,
+        "loop_unroll": args.loop_unroll,
         "package_root": str(Path(args.package_root).resolve()) if args.package_root else "",
     }
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="jax_ll_ep_bench_"))
@@ -428,6 +430,9 @@ def main() -> int:
     )
     parser.add_argument("--loop-iterations", type=int, default=200, help="dependent pairs per loop (loop mode)")
     parser.add_argument("--loop-repeats", type=int, default=5, help="timed loops per row (loop mode)")
+    parser.add_argument(
+        "--loop-unroll", action="store_true", help="loop mode: fori_loop(..., unroll=True), one straight program"
+    )
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--experts", type=int, default=256)
