@@ -55,6 +55,10 @@ import jax_ll_ep as ep  # noqa: E402
 from jax_ll_ep import _extension  # noqa: E402
 from jax_ll_ep._jax_internals import aval, native_call  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import loop_pairs  # noqa: E402
+from loop_pairs import jax_packed_pair, native_pair, weighted_sum  # noqa: E402,F401
+
 AXIS = "ep"
 STAMP_ORDER_ID = 1 << 40  # effect id of the stamps around XLA-only baselines (no buffer of ours is involved)
 # JAX_LL_EP_BENCH_DRY_RUN=1: on CPU devices, with the cpu backend for "cuda" and zeros for stamps (checks the
@@ -171,14 +175,6 @@ def quantize_fp8(x):
     amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1), 1e-4)
     q = jnp.clip(xb * (448.0 / amax)[..., None], -448.0, 448.0).astype(jnp.float8_e4m3fn)
     return q.reshape(m, h), amax / 448.0
-
-
-def weighted_sum(rows, w):
-    """rows [n, K, H] -> bf16 [n, H], float32 accumulation in k order."""
-    acc = jnp.zeros((rows.shape[0], rows.shape[2]), jnp.float32)
-    for k in range(rows.shape[1]):
-        acc = acc + w[:, k, None] * rows[:, k].astype(jnp.float32)
-    return acc.astype(jnp.bfloat16)
 
 
 def native_method(buf):
@@ -305,43 +301,9 @@ def program(m: Mesh, method, order_id: int, calls: int, sets: int, fields, nativ
 # Loop mode: the pair as a model calls it (a jitted lax.fori_loop of dependent bf16 dispatch+combine pairs, host wall
 # clock per loop divided by its length), for jax_ll_ep and for the JAX-native packed pair in the same process
 # ---------------------------------------------------------------------------------------------------------------
-def native_pair(buf):
-    """x -> combine(dispatch(x)): bf16 dispatch, the received rows themselves as the experts' outputs."""
-
-    def pair(x, t, w):
-        recv_x, _, handle = ep.dispatch(buf, x, t)
-        return ep.combine(buf, recv_x, t, w, handle)
-
-    return pair
-
-
-def jax_packed_pair(experts):
-    """The JAX-native packed pair in bf16: argsort + gather into [n*K, H] (and the per-expert counts), then the
-    inverse permutation and the weighted sum in k order (the contract's rounding), as ``jax_packed`` without fp8."""
-
-    def pair(x, t, w):
-        n, k = t.shape
-        flat = t.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        counts = jnp.bincount(flat, length=experts)
-        rows = x[order // k]
-        inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-        out = weighted_sum(rows[inv].reshape(n, k, -1), w)
-        # counts feed the result (by a value that is always 0) so that XLA keeps the whole dispatch
-        return out + (jnp.min(counts) * 0).astype(out.dtype)
-
-    return pair
-
-
 def loop_program(m: Mesh, pair, iters: int):
-    """One jitted fori_loop of `iters` pairs, each consuming the previous pair's output (weights sum to 1, so the
-    values stay bounded)."""
-
-    def body(x, t, w):
-        # run.py --loop-unroll: one straight program of `iters` pairs, no loop counter (what the loop machinery costs)
-        return jax.lax.fori_loop(0, iters, lambda _, xc: pair(xc, t, w), x, unroll=bool(CFG.get("loop_unroll")))
-
-    return jax.jit(jax.shard_map(body, mesh=m, in_specs=(P(AXIS),) * 3, out_specs=P(AXIS)))
+    # run.py --loop-unroll: one straight program of `iters` pairs, no loop counter (what the loop machinery costs)
+    return loop_pairs.loop_program(m, AXIS, pair, iters, unroll=bool(CFG.get("loop_unroll")))
 
 
 def measure_loop(fn, args, *, iters: int, repeats: int) -> dict:
