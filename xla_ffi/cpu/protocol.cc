@@ -480,6 +480,15 @@ void write_empty_layout(const Layout& layout, const DispatchArgs& a) {
   for (int32_t e = 0; e < layout.num_local_experts; ++e) a.recv_count[e] = 0;
 }
 
+// The receive half's wait for every peer's signal (after the tests' pause point). A failed wait still closes the
+// call: the buffer is unusable now (the status says why), and its state stays consistent anyway.
+Status await_signals(const Call& call, uint64_t seq, std::vector<uint32_t>* counts) {
+  call.pause(HookPoint::kBeforeRecv, seq);
+  Status waited = call.wait_for_signals(seq, counts);
+  if (!waited.ok()) call.close_call(seq);
+  return waited;
+}
+
 Status dispatch_recv(const Call& call, const DispatchArgs& a) {
   uint64_t seq = 0;
   if (Status open = call.begin_recv(&seq); !open.ok()) return open;
@@ -488,13 +497,8 @@ Status dispatch_recv(const Call& call, const DispatchArgs& a) {
     call.close_call(seq);
     return {};
   }
-  call.pause(HookPoint::kBeforeRecv, seq);
   std::vector<uint32_t> counts;
-  Status waited = call.wait_for_signals(seq, &counts);
-  if (!waited.ok()) {
-    call.close_call(seq);  // the buffer is unusable now (see the message); keep the state consistent anyway
-    return waited;
-  }
+  if (Status waited = await_signals(call, seq, &counts); !waited.ok()) return waited;
   write_dispatch_outputs(call, a, parity_of(seq), counts);
   call.stamp(Stamp::kReturned);
   const Fault fault = call.open_fault();
@@ -572,13 +576,8 @@ Status combine_recv(const Call& call, const CombineArgs& a) {
     call.close_call(seq);
     return {};
   }
-  call.pause(HookPoint::kBeforeRecv, seq);
   std::vector<uint32_t> counts;
-  Status waited = call.wait_for_signals(seq, &counts);
-  if (!waited.ok()) {
-    call.close_call(seq);  // a failed wait: as in dispatch_recv
-    return waited;
-  }
+  if (Status waited = await_signals(call, seq, &counts); !waited.ok()) return waited;
 
   // The valid choices of each token (routing errors treated as -1, exactly as dispatch did; a masked rank's experts
   // dropped), each one's receive slot (the token's slot in its dispatch: how many earlier tokens chose the expert),
