@@ -64,45 +64,65 @@ def record(args) -> None:
     print("profile_loop: trace in", args.out)
 
 
+def execution_summaries(trace: dict) -> list[dict]:
+    """Per ``execution ...`` annotation of a Perfetto trace (JAX's profiler): its host span, the device events inside
+    it (first start and last end from the annotation's start, busy time, the gaps between consecutive events), the
+    device events by name, and the host events that took most of the time. Times in us, as the trace has them."""
+    events = [ev for ev in trace.get("traceEvents", []) if ev.get("ph") == "X"]
+    process_names = {
+        ev["pid"]: ev["args"]["name"]
+        for ev in trace.get("traceEvents", [])
+        if ev.get("ph") == "M" and ev.get("name") == "process_name"
+    }
+    device_pids = {pid for pid, name in process_names.items() if "/device:GPU" in name}
+    kernels = sorted((ev for ev in events if ev["pid"] in device_pids), key=lambda ev: ev["ts"])
+    host = [ev for ev in events if ev["pid"] not in device_pids]
+    executions = sorted((ev for ev in host if ev["name"].startswith("execution ")), key=lambda ev: ev["ts"])
+    out = []
+    for ex in executions:
+        t0, t1 = ex["ts"], ex["ts"] + ex["dur"]
+        ks = [ev for ev in kernels if t0 <= ev["ts"] < t1]
+        entry = {"name": ex["name"], "host_us": ex["dur"], "kernels": len(ks)}
+        if ks:
+            gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in zip(ks, ks[1:], strict=False)]
+            by_name = collections.defaultdict(list)
+            for ev in ks:
+                by_name[ev["name"][:60]].append(ev["dur"])
+            entry.update(
+                first_kernel_us=ks[0]["ts"] - t0,
+                last_end_us=max(ev["ts"] + ev["dur"] for ev in ks) - t0,
+                busy_us=sum(ev["dur"] for ev in ks),
+                gap_median_us=statistics.median(gaps or [0]),
+                gap_sum_us=sum(gaps),
+                device={n: (len(ds), statistics.median(ds)) for n, ds in by_name.items()},
+            )
+        by_host = collections.defaultdict(list)
+        for ev in host:
+            if t0 <= ev["ts"] < t1 and ev is not ex:
+                by_host[ev["name"][:70]].append(ev["dur"])
+        entry["host"] = sorted(
+            ((n, len(ds), sum(ds), statistics.median(ds)) for n, ds in by_host.items()), key=lambda row: -row[2]
+        )
+        out.append(entry)
+    return out
+
+
 def summarize(path: str) -> None:
     with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
         trace = json.load(f)
-    events = [ev for ev in trace.get("traceEvents", trace) if ev.get("ph") == "X"]
-    names = {}
-    for ev in trace.get("traceEvents", []):
-        if ev.get("ph") == "M" and ev.get("name") in ("process_name", "thread_name"):
-            names[(ev["pid"], ev.get("tid") if ev["name"] == "thread_name" else None)] = ev["args"]["name"]
-    device_pids = {pid for (pid, tid), n in names.items() if tid is None and "/device:GPU" in n}
-    kernels = sorted((ev for ev in events if ev["pid"] in device_pids), key=lambda ev: ev["ts"])
-    executions = sorted((ev for ev in events if ev["name"].startswith("execution ")), key=lambda ev: ev["ts"])
-    host = [ev for ev in events if ev["pid"] not in device_pids]
-    print(f"{len(executions)} executions, {len(kernels)} device events, {len(host)} host events")
-    for ex in executions:
-        t0, t1 = ex["ts"], ex["ts"] + ex["dur"]
-        ks = [ev for ev in kernels if t0 <= ev["ts"] <= t1 + 50_000 and ev["ts"] >= t0]
-        ks = [ev for ev in ks if ev["ts"] < t1]
-        if not ks:
-            print(f"{ex['name']}: host {ex['dur']:.0f} us, no device events")
+    for e in execution_summaries(trace):
+        if not e["kernels"]:
+            print(f"{e['name']}: host {e['host_us']:.0f} us, no device events")
             continue
-        first, last = ks[0]["ts"], max(ev["ts"] + ev["dur"] for ev in ks)
-        busy = sum(ev["dur"] for ev in ks)
-        gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in zip(ks, ks[1:], strict=False)]
-        by_name = collections.Counter(ev["name"][:60] for ev in ks)
         print(
-            f"{ex['name']}: host {ex['dur']:.0f} us; device first kernel at +{first - t0:.0f} us, last ends at "
-            f"+{last - t0:.0f} us, {len(ks)} kernels busy {busy:.0f} us, gap median "
-            f"{statistics.median(gaps or [0]):.2f} us, sum of gaps {sum(gaps):.0f} us"
+            f"{e['name']}: host {e['host_us']:.0f} us; device first kernel at +{e['first_kernel_us']:.0f} us, last "
+            f"ends at +{e['last_end_us']:.0f} us, {e['kernels']} kernels busy {e['busy_us']:.0f} us, gap median "
+            f"{e['gap_median_us']:.2f} us, sum of gaps {e['gap_sum_us']:.0f} us"
         )
-        for n, c in by_name.most_common(8):
-            ds = [ev["dur"] for ev in ks if ev["name"][:60] == n]
-            print(f"    {c:5d} x {n}: median {statistics.median(ds):.2f} us")
-        hs = collections.defaultdict(list)
-        for ev in host:
-            if t0 <= ev["ts"] < t1 and ev is not ex:
-                hs[ev["name"][:70]].append(ev["dur"])
-        top = sorted(hs.items(), key=lambda kv: -sum(kv[1]))[:10]
-        for n, ds in top:
-            print(f"    host {len(ds):5d} x {n}: total {sum(ds):.0f} us, median {statistics.median(ds):.2f} us")
+        for n, (count, median) in sorted(e["device"].items(), key=lambda kv: -kv[1][0])[:8]:
+            print(f"    {count:5d} x {n}: median {median:.2f} us")
+        for n, count, total, median in e["host"][:10]:
+            print(f"    host {count:5d} x {n}: total {total:.0f} us, median {median:.2f} us")
 
 
 def main() -> None:

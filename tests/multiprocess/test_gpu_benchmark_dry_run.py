@@ -45,7 +45,7 @@ def test_gpu_benchmark_rows_on_cpu(tmp_path):
     for r in rows:
         assert "error" not in r, r
         if r["method"].endswith("_loop"):
-            assert r["loop_iterations"] == 3
+            assert r["loop_iterations"] == 3 and r["loop_unrolled"] is False
             assert r["pair_us"]["samples"] == 2 and r["pair_us"]["median_us"] > 0, r
             assert "dispatch" not in r and "combine" not in r
         else:
