@@ -135,6 +135,9 @@ def launch(args, argv) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.platform == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
+    else:  # one host: no network transport for NVSHMEM, and leave GPU memory for its symmetric heap (README, GPUs)
+        env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     with tempfile.TemporaryDirectory(prefix="jax_ll_ep_example_") as log_dir:
         result = launch_ranks(commands, log_dir=log_dir, deadline_s=args.deadline, env=env)
         for i, log in enumerate(result.logs):
