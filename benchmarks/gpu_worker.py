@@ -51,13 +51,12 @@ with open(CONFIG) as f:
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if CFG.get("package_root"):  # run.py --package-root: another build's package first
     sys.path.insert(0, CFG["package_root"])
+import loop_pairs  # noqa: E402  (beside this script, on sys.path as its directory)
+from loop_pairs import jax_packed_pair, native_pair, weighted_sum  # noqa: E402
+
 import jax_ll_ep as ep  # noqa: E402
 from jax_ll_ep import _extension  # noqa: E402
 from jax_ll_ep._jax_internals import aval, native_call  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import loop_pairs  # noqa: E402
-from loop_pairs import jax_packed_pair, native_pair, weighted_sum  # noqa: E402,F401
 
 AXIS = "ep"
 STAMP_ORDER_ID = 1 << 40  # effect id of the stamps around XLA-only baselines (no buffer of ours is involved)
